@@ -1,0 +1,6 @@
+"""The producer: the Python API and the ``aigc`` command line. Imports only ``schemas``."""
+
+from .api import list_jobs, results, status, submit, submit_file, wait
+from .dispatch import DispatchError
+
+__all__ = ["DispatchError", "list_jobs", "results", "status", "submit", "submit_file", "wait"]

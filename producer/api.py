@@ -1,0 +1,187 @@
+"""The Python API: submit a batch, follow it, read its results.
+
+>>> job_id = submit("article", [{"topic": "tides"}, {"topic": "bees"}])
+>>> wait(job_id).status
+'completed'
+>>> for row in results(job_id): print(row["custom_id"], row["output_text"])
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from schemas.db import ensure_schema
+from schemas.enums import ItemStatus, JobStatus, Kind
+from schemas.parsing import (
+    MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, read_jsonl, validate_items,
+    validate_records,
+)
+from schemas.settings import Settings, get_settings
+from schemas.specs import GenerationParams
+from schemas.tables import Item, Job, Result, utcnow
+
+from .dispatch import enqueue
+
+INSERT_BATCH = 5_000
+
+
+def submit(
+    kind: Kind | str,
+    items: Iterable[Any],
+    *,
+    model: str | None = None,
+    params: dict[str, Any] | None = None,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Validate ``items`` (dicts or spec models), store them as one job, enqueue it; its id.
+
+    Raises :class:`InputError` listing every problem (``LINE:FIELD: message``, the line being
+    the item's 1-based position) and stores nothing if any item is invalid.
+    """
+    kind = _kind(kind)
+    return _submit(kind, validate_items(kind, items), model=model, params=params,
+                   priority=priority, idempotency_key=idempotency_key, metadata=metadata,
+                   settings=settings or get_settings())
+
+
+def submit_file(path: str | Path, kind: Kind | str, **options: Any) -> str:
+    """Like :func:`submit`, for a JSONL file (one item per line); problems name file lines."""
+    kind = _kind(kind)
+    settings = options.pop("settings", None) or get_settings()
+    with open(path, "rb") as stream:
+        return _submit(kind, validate_records(kind, read_jsonl(stream)), settings=settings, **options)
+
+
+def _kind(kind: Kind | str) -> Kind:
+    try:
+        return Kind(kind)
+    except ValueError:
+        raise InputError([Problem(0, "kind", f"unknown kind {kind!r}; one of "
+                                  f"{', '.join(k.value for k in Kind)}")]) from None
+
+
+def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, model: str | None,
+            params: dict[str, Any] | None, priority: int, idempotency_key: str | None,
+            metadata: dict[str, Any] | None, settings: Settings) -> str:
+    try:
+        job_params = GenerationParams.model_validate(params or {})
+    except ValidationError as exc:
+        raise InputError([Problem(0, "params." + ".".join(map(str, e["loc"])), e["msg"])
+                          for e in exc.errors(include_url=False)]) from None
+    engine = ensure_schema(settings.database_url)
+    if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
+        return existing
+    job = Job(id=str(uuid.uuid4()), idempotency_key=idempotency_key, kind=kind,
+              model=model or settings.text_model, params=job_params.model_dump(mode="json"),
+              status=JobStatus.queued, priority=priority, meta=metadata or {})
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            session.add(job)
+            session.flush()
+            job.total = _store_items(session, job.id, parsed)
+    except IntegrityError:
+        if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
+            return existing  # a concurrent submit with the same key won the race
+        raise
+    enqueue(settings, engine, job.id, kind, priority)
+    return job.id
+
+
+def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Problem]) -> int:
+    """Insert valid items in bulk; on any problem raise InputError (the caller rolls back)."""
+    problems: list[Problem] = []
+    n_problems = 0
+    rows: list[dict[str, Any]] = []
+    count = 0
+    for entry in parsed:
+        if isinstance(entry, Problem):
+            n_problems += 1
+            if len(problems) < MAX_REPORTED_PROBLEMS:
+                problems.append(entry)
+            continue
+        if n_problems:
+            continue  # keep validating to report everything, but stop writing
+        rows.append({"job_id": job_id, "custom_id": entry.custom_id, "index": count,
+                     "input": entry.input, "status": ItemStatus.pending, "attempts": 0,
+                     "updated_at": utcnow()})
+        count += 1
+        if len(rows) >= INSERT_BATCH:
+            session.execute(insert(Item), rows)
+            rows = []
+    if n_problems:
+        raise InputError(problems, n_problems)
+    if count == 0 and not rows:
+        raise InputError([Problem(0, "-", "the input has no items")])
+    if rows:
+        session.execute(insert(Item), rows)
+    return count
+
+
+def _job_by_key(engine: Engine, key: str) -> str | None:
+    with Session(engine) as session:
+        return session.exec(select(Job.id).where(Job.idempotency_key == key)).scalars().first()
+
+
+def status(job_id: str, *, settings: Settings | None = None) -> Job:
+    """The job's row as it is now (counts, status, timestamps)."""
+    engine = ensure_schema((settings or get_settings()).database_url)
+    with Session(engine, expire_on_commit=False) as session:
+        job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    return job
+
+
+def list_jobs(*, limit: int = 20, settings: Settings | None = None) -> list[Job]:
+    """The newest jobs first."""
+    engine = ensure_schema((settings or get_settings()).database_url)
+    with Session(engine, expire_on_commit=False) as session:
+        return list(session.exec(select(Job).order_by(Job.created_at.desc()).limit(limit)).scalars())
+
+
+def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
+         settings: Settings | None = None, on_progress: Any = None) -> Job:
+    """Block until the job reaches a final state; ``on_progress(job)`` is called at each poll."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = status(job_id, settings=settings)
+        if on_progress:
+            on_progress(job)
+        if JobStatus(job.status).is_terminal:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s "
+                               f"({job.done + job.failed}/{job.total} items finished)")
+        time.sleep(poll)
+
+
+RESULT_COLUMNS = ("custom_id", "kind", "output_text", "output", "artifact_uris", "error_code",
+                  "error_message", "model", "seed", "params", "prompt_tokens", "output_tokens",
+                  "latency_ms", "worker", "device", "created_at")
+
+
+def results(job_id: str, *, errors_only: bool = False,
+            settings: Settings | None = None) -> Iterator[dict[str, Any]]:
+    """The job's result rows as dicts, in submission order, streamed."""
+    engine = ensure_schema((settings or get_settings()).database_url)
+    columns = [getattr(Result, name) for name in RESULT_COLUMNS]
+    query = (select(*columns).join(Item, Item.id == Result.item_id)
+             .where(Result.job_id == job_id).order_by(Item.index)
+             .execution_options(yield_per=2_000))
+    if errors_only:
+        query = query.where(Result.error_code.is_not(None))
+    with engine.connect() as connection:
+        for row in connection.execute(query):
+            yield dict(row._mapping)

@@ -1,0 +1,126 @@
+"""The ``aigc`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from schemas.db import SchemaError, upgrade
+from schemas.parsing import InputError
+from schemas.settings import get_settings, redact_url
+
+from . import api
+from .dispatch import DispatchError
+from .export import WRITERS
+from .progress import JobProgress, jobs_table
+
+app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    errors.print(message, markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="JSONL file, one item per line", exists=True, dir_okay=False)],
+    kind: Annotated[str, typer.Option(help="article | ad_copy | image_set")],
+    model: Annotated[Optional[str], typer.Option(help="model directory or cached hub id")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate per item")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy")] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed for every item without its own")] = None,
+    key: Annotated[Optional[str], typer.Option(help="idempotency key: resubmitting returns the same job")] = None,
+    priority: Annotated[int, typer.Option()] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="follow progress until the job finishes")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="with --wait: give up after seconds")] = None,
+) -> None:
+    """Validate FILE, store it as one job, and enqueue it. Prints the job id."""
+    params = {k: v for k, v in {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                                "top_p": top_p, "seed": seed}.items() if v is not None}
+    try:
+        job_id = api.submit_file(file, kind, model=model, params=params, priority=priority,
+                                 idempotency_key=key)
+    except InputError as exc:
+        raise _fail(f"{file}: {exc}\nno job was created", 2)
+    except DispatchError as exc:
+        raise _fail(str(exc), 3)
+    except SchemaError as exc:
+        raise _fail(str(exc), 2)
+    print(job_id)
+    if wait:
+        with JobProgress(errors) as progress:
+            try:
+                job = api.wait(job_id, timeout=timeout, on_progress=progress.update)
+            except TimeoutError as exc:
+                raise _fail(str(exc), 4)
+        errors.print(f"job {job_id}: {job.status} ({job.done} done, {job.failed} failed)")
+        if job.status != "completed":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
+           limit: Annotated[int, typer.Option(help="jobs listed without JOB_ID")] = 20) -> None:
+    """Show one job, or the newest jobs."""
+    try:
+        jobs = [api.status(job_id)] if job_id else api.list_jobs(limit=limit)
+    except LookupError as exc:
+        raise _fail(str(exc), 1)
+    console.print(jobs_table(jobs))
+
+
+@app.command()
+def results(
+    job_id: str,
+    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv")] = "jsonl",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file (default stdout)")] = None,
+    errors_only: Annotated[bool, typer.Option("--errors", help="only failed items")] = False,
+) -> None:
+    """Write a job's results in submission order."""
+    if format not in WRITERS:
+        raise _fail(f"--format must be one of {', '.join(WRITERS)}", 2)
+    try:
+        api.status(job_id)
+    except LookupError as exc:
+        raise _fail(str(exc), 1)
+    rows = api.results(job_id, errors_only=errors_only)
+    with (open(output, "w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout)) as out:
+        count = WRITERS[format](rows, out)
+    if output:
+        errors.print(f"{count} rows written to {output}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Start a worker process (options: see `aigc worker --help-worker`)."""
+    args = ["--help" if a == "--help-worker" else a for a in ctx.args]
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *args])
+
+
+@app.command()
+def demo(timeout: Annotated[float, typer.Option(help="seconds to wait for the jobs")] = 600) -> None:
+    """Run a sample job end to end on this machine with the embedded defaults."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(timeout=timeout, console=console))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Create or migrate the tables of AIGC_DATABASE_URL."""
+    url = get_settings().database_url
+    upgrade(url, revision)
+    errors.print(f"{redact_url(url)} is at revision {revision}")

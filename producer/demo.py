@@ -1,0 +1,110 @@
+"""``aigc demo``: the whole system on one machine with the embedded defaults.
+
+SQLite for the tables, the configured Redis if it answers (else kombu's ``filesystem://``
+broker, announced), one worker subprocess, the default text model; a sample job of articles
+and one of ad copy; live progress; the results; the worker stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from rich.console import Console
+
+from schemas.enums import JobStatus
+from schemas.settings import Settings, get_settings, redact_url
+
+from . import api
+from .progress import JobProgress, results_table
+
+SAMPLE_ARTICLES = [
+    {"custom_id": "gardening", "topic": "starting a vegetable garden", "keywords": ["soil", "seeds"]},
+    {"custom_id": "python", "topic": "why Python is popular with beginners", "tone": "friendly"},
+    {"custom_id": "tides", "topic": "how the moon causes tides", "length": 200},
+    {"custom_id": "coffee", "prompt": "The history of coffee begins"},
+]
+SAMPLE_ADS = [
+    {"custom_id": "boots", "product": "waterproof hiking boots", "audience": "weekend hikers"},
+    {"custom_id": "lamp", "product": "a solar garden lamp", "channel": "search", "n_variants": 2},
+]
+
+
+def choose_broker(settings: Settings, console: Console) -> str:
+    """The configured broker if it answers; otherwise the embedded filesystem broker."""
+    url = settings.broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return url
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+        return url
+    except redis.RedisError as exc:
+        folder = (settings.data_dir / "broker").resolve()
+        console.print(f"[yellow]Redis at {redact_url(url)} does not answer ({exc}); using the "
+                      f"embedded filesystem broker in {folder}[/]")
+        return f"filesystem://{folder}"
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
+    env = os.environ | {"AIGC_BROKER_URL": settings.broker_url,
+                        "AIGC_DATABASE_URL": settings.database_url,
+                        "AIGC_TEXT_MODEL": settings.text_model,
+                        "AIGC_DATA_DIR": str(settings.data_dir)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_worker(process: subprocess.Popen, timeout: float = 15) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
+    """Run the demo; 0 when every sample item got a result."""
+    console = console or Console()
+    base = get_settings()
+    settings = base.model_copy(update={"broker_url": choose_broker(base, console)})
+    console.print(f"database [bold]{redact_url(settings.database_url)}[/], broker "
+                  f"[bold]{redact_url(settings.broker_url)}[/], text model [bold]{settings.text_model}[/]")
+    log_path = settings.data_dir / "demo-worker.log"
+    worker = start_worker(settings, log_path)
+    try:
+        jobs = [
+            api.submit("article", SAMPLE_ARTICLES, params={"max_new_tokens": 60}, settings=settings),
+            api.submit("ad_copy", SAMPLE_ADS, params={"max_new_tokens": 40}, settings=settings),
+        ]
+        console.print(f"submitted jobs {', '.join(jobs)}; worker log in {log_path}")
+        deadline = time.monotonic() + timeout
+        with JobProgress(console) as progress:
+            while True:
+                states = [api.status(job_id, settings=settings) for job_id in jobs]
+                for job in states:
+                    progress.update(job)
+                if all(JobStatus(job.status).is_terminal for job in states):
+                    break
+                if worker.poll() is not None:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    console.print(f"[red]the worker exited with code {worker.returncode}:[/]\n{tail}")
+                    return 1
+                if time.monotonic() > deadline:
+                    console.print(f"[red]the jobs did not finish within {timeout} s[/]")
+                    return 1
+                time.sleep(0.3)
+        for job in states:
+            rows = list(api.results(job.id, settings=settings))
+            console.print(results_table(rows, title=f"{job.kind} job {job.id}: {job.status}"))
+        return 0 if all(job.status == JobStatus.completed for job in states) else 1
+    finally:
+        stop_worker(worker)

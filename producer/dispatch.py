@@ -1,0 +1,78 @@
+"""Sending chunks of item ids to the workers' queues (the producer side of Celery)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from celery import Celery
+from sqlalchemy import Engine, select
+
+from schemas.dispatch import TASK_GENERATE, celery_config, queue_name
+from schemas.enums import ItemStatus
+from schemas.settings import Settings, redact_url
+from schemas.tables import Item
+
+
+class DispatchError(RuntimeError):
+    """The job is safe in SQL but its messages could not be sent; ``aigc resume`` sends them."""
+
+
+_clients: dict[tuple[str, str], Celery] = {}
+
+
+def _client(settings: Settings) -> Celery:
+    """One Celery client per broker per process (its connection pool is reused)."""
+    key = (settings.broker_url, str(settings.data_dir))
+    if key not in _clients:
+        app = Celery("aigc-producer", set_as_current=False)
+        app.conf.update(celery_config(settings))
+        _clients[key] = app
+    return _clients[key]
+
+
+def pending_item_ids(engine: Engine, job_id: str) -> Iterator[int]:
+    """Ids of the job's items still waiting to run, in submission order, streamed."""
+    query = (
+        select(Item.id)
+        .where(Item.job_id == job_id, Item.status == ItemStatus.pending)
+        .order_by(Item.id)
+        .execution_options(yield_per=10_000)
+    )
+    with engine.connect() as connection:
+        yield from connection.execute(query).scalars()
+
+
+def chunked(ids: Iterable[int], size: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    for item_id in ids:
+        chunk.append(item_id)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority: int = 0) -> int:
+    """Send the job's pending items as chunks of ids; return the number of messages sent."""
+    app = _client(settings)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for chunk in chunked(pending_item_ids(engine, job_id), settings.chunk_size):
+                app.send_task(
+                    TASK_GENERATE,
+                    args=[job_id, chunk],
+                    queue=queue_name(kind),
+                    priority=priority,
+                    producer=producer,
+                    retry=True,
+                    retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+                )
+                sent += 1
+    except Exception as exc:  # kombu raises OperationalError and socket errors alike
+        raise DispatchError(
+            f"job {job_id} is saved, but the broker {redact_url(settings.broker_url)} did not take "
+            f"its messages ({exc}); run `aigc resume {job_id}` once the broker is back"
+        ) from exc
+    return sent

@@ -1,0 +1,63 @@
+"""Terminal display: live progress bars while jobs run, and tables of jobs and results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from schemas.tables import Job
+
+
+class JobProgress:
+    """A rich progress bar per job, showing items/s and the ETA; use as a context manager."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} items/s"), TextColumn("[dim]{task.fields[state]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "JobProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, job: Job) -> None:
+        if job.id not in self.tasks:
+            self.tasks[job.id] = self.progress.add_task(f"{job.kind} {job.id[:8]}",
+                                                        total=job.total, rate="-", state=job.status)
+        task_id = self.tasks[job.id]
+        self.progress.update(task_id, completed=job.done + job.failed, state=job.status)
+        speed = self.progress.tasks[task_id].speed
+        self.progress.update(task_id, rate=f"{speed:.1f}" if speed else "-")
+
+
+def jobs_table(jobs: Iterable[Job]) -> Table:
+    table = Table("job", "kind", "model", "status", "done", "failed", "total", "created",
+                  "started", "finished", title="jobs")
+    for job in jobs:
+        stamp: Callable[[Any], str] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+        table.add_row(job.id, job.kind, job.model, job.status, str(job.done), str(job.failed),
+                      str(job.total), stamp(job.created_at), stamp(job.started_at),
+                      stamp(job.finished_at))
+    return table
+
+
+def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70) -> Table:
+    table = Table("custom_id", "output", "tokens", "worker", title=title, show_lines=True)
+    for row in rows:
+        text = row["output_text"] or f"[red]{row['error_code']}: {row['error_message']}"
+        text = text if len(text) <= width * 3 else text[: width * 3] + "…"
+        table.add_row(row["custom_id"], text,
+                      f"{row['prompt_tokens'] or 0}+{row['output_tokens'] or 0}",
+                      f"{row['worker']} ({row['device']})")
+    return table

@@ -1,0 +1,53 @@
+"""The queue contract between producer and workers: task name, queues, message shape, config.
+
+A message is ``generate_chunk(job_id, item_ids)``: ids only, never payloads. The SQL rows are
+the truth; a lost or repeated message costs nothing but a re-enqueue or a skipped item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .enums import Kind
+from .settings import Settings
+
+TASK_GENERATE = "aigc.generate_chunk"
+
+
+def queue_name(kind: Kind | str) -> str:
+    """Each kind has its own queue, named like the kind."""
+    return Kind(kind).value
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Transport options for the broker URL; ``filesystem:///DIR`` keeps its folders in DIR."""
+    parts = urlsplit(settings.broker_url)
+    if parts.scheme != "filesystem":
+        # Redis: a message unacknowledged this long is redelivered; longer than any chunk takes.
+        return {"visibility_timeout": max(3600, 2 * settings.lease_seconds)}
+    root = Path(parts.path or settings.data_dir / "broker")
+    folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",
+               "control_folder": root / "control", "processed_folder": root / "processed"}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return {name: str(path) for name, path in folders.items()} | {"store_processed": False}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings both sides share: JSON only, late acks, one message in flight."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": broker_transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": queue_name(Kind.article),
+        "worker_hijack_root_logger": False,
+    }

@@ -1,0 +1,123 @@
+"""Turning raw input (a JSONL file, an iterable of dicts) into validated item specs.
+
+Problems are reported per line and field (``LINE:FIELD: message``), all of them at once, so a
+user fixes a file in one pass. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ValidationError
+
+from .enums import Kind
+from .specs import SPECS
+
+MAX_LINE_BYTES = 1 << 20  # one item's JSON; a longer line is refused, not parsed
+MAX_REPORTED_PROBLEMS = 100
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one input line (1-based) and field (``-`` for the whole line)."""
+
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.line}:{self.field}: {self.message}"
+
+
+class InputError(ValueError):
+    """The input was refused; ``problems`` lists (up to a cap) what is wrong and where."""
+
+    def __init__(self, problems: list[Problem], total: int | None = None):
+        self.problems = problems
+        self.total = total if total is not None else len(problems)
+        more = self.total - len(problems)
+        lines = [str(p) for p in problems] + ([f"... and {more} more"] if more > 0 else [])
+        super().__init__(f"{self.total} problem(s) in the input:\n" + "\n".join(lines))
+
+
+@dataclass(frozen=True)
+class ParsedItem:
+    """A valid item: where it came from, its id within the job, and its normalised input."""
+
+    line: int
+    custom_id: str
+    input: dict[str, Any]
+
+
+def read_jsonl(stream: BinaryIO | Iterable[bytes]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object_or_Problem)`` for each non-blank line of a JSONL stream."""
+    for number, raw in enumerate(stream, start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            yield number, Problem(number, "-", f"line is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
+            continue
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            yield number, Problem(number, "-", f"not valid UTF-8 (byte {exc.start})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, Problem(number, "-", f"invalid JSON: {exc.msg} at column {exc.colno}")
+        except RecursionError:
+            yield number, Problem(number, "-", "invalid JSON: nested too deeply")
+
+
+def validate_records(kind: Kind | str, records: Iterable[tuple[int, Any]]) -> Iterator[ParsedItem | Problem]:
+    """Validate ``(line, record)`` pairs against ``kind``'s spec; yield items and problems.
+
+    Items without a ``custom_id`` get ``item-<line>``; a ``custom_id`` seen twice is a problem.
+    """
+    spec_type = SPECS[Kind(kind)]
+    seen: set[str] = set()
+    for line, record in records:
+        if isinstance(record, Problem):
+            yield record
+            continue
+        if not isinstance(record, dict):
+            yield Problem(line, "-", f"expected a JSON object, got {type(record).__name__}")
+            continue
+        try:
+            spec = spec_type.model_validate(record)
+        except ValidationError as exc:
+            yield from _problems(line, exc)
+            continue
+        custom_id = getattr(spec, "custom_id", None) or f"item-{line}"
+        if custom_id in seen:
+            yield Problem(line, "custom_id", f"duplicate custom_id {custom_id!r}")
+            continue
+        seen.add(custom_id)
+        yield ParsedItem(line, custom_id, _dump(spec))
+
+
+def validate_items(kind: Kind | str, items: Iterable[Any]) -> Iterator[ParsedItem | Problem]:
+    """Validate Python objects (dicts or spec models); their position (1-based) is the line."""
+    def records() -> Iterator[tuple[int, Any]]:
+        for number, item in enumerate(items, start=1):
+            yield number, item.model_dump(exclude_unset=True) if isinstance(item, BaseModel) else item
+
+    return validate_records(kind, records())
+
+
+def _dump(spec: BaseModel) -> dict[str, Any]:
+    data = spec.model_dump(mode="json", exclude={"custom_id"}, exclude_none=True)
+    if "params" in data and not data["params"]:
+        del data["params"]
+    return data
+
+
+def _problems(line: int, exc: ValidationError) -> Iterator[Problem]:
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "-"
+        message = err["msg"].removeprefix("Value error, ")
+        yield Problem(line, field, message)

@@ -1,0 +1,97 @@
+"""One typed settings object, read from ``AIGC_*`` environment variables and ``.env``.
+
+Validated when built: a malformed URL or an impossible batch limit fails at start, loudly,
+naming the variable.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem", "memory")
+
+# The model name that resolves to the small text model shipped inside the workers package.
+DEFAULT_TEXT_MODEL = "text-small"
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Environment: ``AIGC_<FIELD>``, e.g. ``AIGC_BROKER_URL``."""
+
+    model_config = SettingsConfigDict(env_prefix="AIGC_", env_file=".env", extra="ignore")
+
+    broker_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Celery broker. redis:// in production; filesystem:///DIR is the embedded one.",
+    )
+    database_url: str = Field(
+        "sqlite:///aigc.db", description="SQLAlchemy URL of the jobs/items/results tables."
+    )
+    text_model: str = Field(
+        DEFAULT_TEXT_MODEL,
+        description="Default text model: a local directory, a hub id already in the local "
+        "Hugging Face cache, or 'text-small' (the model shipped with aigc).",
+    )
+    allow_downloads: bool = Field(
+        False, description="Let workers download missing models from the Hugging Face hub."
+    )
+    chunk_size: int = Field(64, ge=1, le=10_000, description="Item ids per queue message.")
+    max_batch_rows: int = Field(32, ge=1, le=4096, description="Rows in one forward pass.")
+    max_batch_tokens: int = Field(
+        16_384, ge=64, description="Padded tokens (rows x (prompt + new tokens)) in one pass."
+    )
+    lease_seconds: int = Field(
+        900, ge=10, description="How long a worker owns a claimed item before others may take it."
+    )
+    data_dir: Path = Field(
+        Path(".aigc"), description="Local state: embedded broker folders, demo model cache."
+    )
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in BROKER_SCHEMES:
+            raise ValueError(
+                f"AIGC_BROKER_URL scheme {scheme!r} is not supported; use one of {BROKER_SCHEMES}"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
+            raise ValueError(f"AIGC_DATABASE_URL is not a database URL: {exc}") from exc
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("AIGC_DATABASE_URL must be sqlite:// or postgresql://")
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("", "psycopg2"):
+            value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "Settings":
+        if self.max_batch_tokens < self.max_batch_rows:
+            raise ValueError("AIGC_MAX_BATCH_TOKENS must be at least AIGC_MAX_BATCH_ROWS")
+        return self
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, built once from the environment."""
+    return Settings()
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: the password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

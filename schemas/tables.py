@@ -1,0 +1,102 @@
+"""The SQL tables: a public contract that downstream systems read (docs/architecture.md).
+
+Change them only together with a new Alembic migration in ``schemas/migrations/versions``;
+``tests/test_schema.py`` fails when the models and the migrations disagree.
+Times are UTC. Statuses are stored as plain strings (see ``schemas.enums``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Text, UniqueConstraint
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+# JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite autoincrements only an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ts() -> Any:
+    """A nullable timestamp column, set when the row reaches that state."""
+    return Field(default=None, sa_type=DateTime(timezone=True), nullable=True)
+
+
+class Job(SQLModel, table=True):
+    """One submitted batch: what to run, with which model and parameters, and its progress."""
+
+    __tablename__ = "jobs"
+
+    id: str = Field(primary_key=True, max_length=36)
+    idempotency_key: str | None = Field(default=None, max_length=255, unique=True)
+    kind: str = Field(max_length=32)
+    model: str = Field(max_length=512)
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType, nullable=False))
+    status: str = Field(max_length=32, index=True)
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    priority: int = 0
+    meta: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column("metadata", JSONType, nullable=False)
+    )
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    cancel_requested_at: datetime | None = _ts()
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Item(SQLModel, table=True):
+    """One unit of work of a job; its lease says which worker owns it until when."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("job_id", "custom_id", name="uq_items_job_custom_id"),
+        Index("ix_items_job_status", "job_id", "status"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    job_id: str = Field(foreign_key="jobs.id", max_length=36)
+    custom_id: str = Field(max_length=255)
+    index: int
+    input: dict[str, Any] = Field(sa_column=Column(JSONType, nullable=False))
+    status: str = Field(max_length=32)
+    attempts: int = 0
+    lease_owner: str | None = Field(default=None, max_length=255)
+    lease_expires_at: datetime | None = _ts()
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Result(SQLModel, table=True):
+    """What came back for one item: output or error, and how it was made."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("job_id", "custom_id", name="uq_results_job_custom_id"),)
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    job_id: str = Field(foreign_key="jobs.id", max_length=36)
+    custom_id: str = Field(max_length=255)
+    item_id: int = Field(sa_type=BigInteger, foreign_key="items.id")
+    kind: str = Field(max_length=32)
+    output_text: str | None = Field(default=None, sa_type=Text)
+    output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
+    artifact_uris: list[str] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_type=Text)
+    model: str = Field(max_length=512)
+    seed: int | None = Field(default=None, sa_type=BigInteger)
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType, nullable=False))
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: float | None = None
+    worker: str | None = Field(default=None, max_length=255)
+    device: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)

@@ -1,0 +1,66 @@
+"""Generator backends register here by job kind; workers look them up, never branch on kind.
+
+A backend is a class taking ``(model, settings)`` whose ``run(job, items)`` yields lists of
+result rows, one list per batch. Instances are cached per process (models stay warm), in a
+small LRU so a worker can switch models without holding every one it ever used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from schemas.enums import Kind
+from schemas.settings import Settings
+
+from .errors import UnknownKindError
+
+MAX_WARM_GENERATORS = 2
+# Modules whose import registers the built-in backends (imported on first lookup: they need torch).
+BUILTIN_BACKENDS = ("workers.text",)
+
+
+class Generator(Protocol):
+    def run(self, job: Any, items: list[Any]) -> Any: ...
+
+
+_backends: dict[Kind, type] = {}
+_warm: OrderedDict[tuple[type, str], Generator] = OrderedDict()
+_lock = threading.Lock()
+
+
+def register(*kinds: Kind) -> Callable[[type], type]:
+    """Class decorator: ``cls`` generates ``kinds``. Registering a kind twice is an error."""
+    def decorator(cls: type) -> type:
+        for kind in kinds:
+            if kind in _backends:
+                raise ValueError(f"kind {kind} already has backend {_backends[kind].__name__}")
+            _backends[kind] = cls
+        return cls
+    return decorator
+
+
+def backend_for(kind: Kind | str) -> type:
+    for module in BUILTIN_BACKENDS:
+        importlib.import_module(module)
+    try:
+        return _backends[Kind(kind)]
+    except (KeyError, ValueError):
+        raise UnknownKindError(f"no generator backend is registered for kind {kind!r}") from None
+
+
+def get_generator(kind: Kind | str, model: str, settings: Settings) -> Generator:
+    """The warm generator for ``kind`` and ``model``, loading it on first use."""
+    key = (backend_for(kind), model)
+    with _lock:
+        if key in _warm:
+            _warm.move_to_end(key)
+            return _warm[key]
+        generator = key[0](model, settings)
+        _warm[key] = generator
+        while len(_warm) > MAX_WARM_GENERATORS:
+            _warm.popitem(last=False)
+        return generator

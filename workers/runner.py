@@ -1,0 +1,56 @@
+"""One chunk of one job, start to finish: claim, generate in batches, record, finish."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from schemas.db import get_engine
+from schemas.settings import Settings
+
+from . import store
+from .errors import PermanentError
+from .registry import get_generator
+
+log = logging.getLogger("aigc.worker")
+
+
+def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settings) -> dict[str, Any]:
+    """Run the chunk's claimable items; a failed item or batch is recorded, never raised."""
+    engine = get_engine(settings.database_url)
+    owner = f"{worker}/{os.getpid()}"
+    job = store.load_job(engine=engine, job_id=job_id)
+    if job is None:
+        log.warning("job %s not found; dropping chunk of %d items", job_id, len(item_ids))
+        return {"job_id": job_id, "claimed": 0}
+    items = store.claim(engine=engine, job_id=job_id, item_ids=item_ids, owner=owner,
+                        lease_seconds=settings.lease_seconds)
+    if not items:
+        return {"job_id": job_id, "claimed": 0}
+    store.mark_running(engine=engine, job_id=job_id)
+    done = failed = 0
+    try:
+        generator = get_generator(job.kind, job.model, settings)
+        for rows in generator.run(job, items):
+            d, f = _record(engine, job_id, rows, worker, owner)
+            done, failed = done + d, failed + f
+            finished = {row["item_id"] for row in rows}
+            items = [item for item in items if item.id not in finished]
+    except PermanentError as exc:
+        log.error("job %s: %s", job_id, exc)
+        error = {"error_code": exc.code, "error_message": str(exc)}
+        rows = [{"job_id": job_id, "item_id": item.id, "custom_id": item.custom_id,
+                 "kind": job.kind, "model": job.model, "params": job.params, **error}
+                for item in items]
+        d, f = _record(engine, job_id, rows, worker, owner)
+        done, failed = done + d, failed + f
+    final = store.finish_if_complete(engine=engine, job_id=job_id)
+    log.info("job %s: chunk of %d items: %d done, %d failed%s", job_id, len(item_ids), done,
+             failed, f"; job {final}" if final else "")
+    return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}
+
+
+def _record(engine: Any, job_id: str, rows: list[dict[str, Any]], worker: str, owner: str) -> tuple[int, int]:
+    rows = [{"worker": worker, **row} for row in rows]
+    return store.write_results(engine=engine, job_id=job_id, rows=rows, owner=owner)
