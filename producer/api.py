@@ -72,9 +72,9 @@ def _kind(kind: Kind | str) -> Kind:
                                   f"{', '.join(k.value for k in Kind)}")]) from None
 
 
-def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, model: str | None,
-            params: dict[str, Any] | None, priority: int, idempotency_key: str | None,
-            metadata: dict[str, Any] | None, settings: Settings) -> str:
+def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Settings,
+            model: str | None = None, params: dict[str, Any] | None = None, priority: int = 0,
+            idempotency_key: str | None = None, metadata: dict[str, Any] | None = None) -> str:
     try:
         job_params = GenerationParams.model_validate(params or {})
     except ValidationError as exc:

@@ -18,7 +18,7 @@ from schemas.settings import get_settings, redact_url
 from . import api
 from .dispatch import DispatchError
 from .export import WRITERS
-from .progress import JobProgress, jobs_table
+from .progress import JobProgress, job_details, jobs_table
 
 app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -75,11 +75,13 @@ def submit(
 def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
            limit: Annotated[int, typer.Option(help="jobs listed without JOB_ID")] = 20) -> None:
     """Show one job, or the newest jobs."""
+    if not job_id:
+        console.print(jobs_table(api.list_jobs(limit=limit)))
+        return
     try:
-        jobs = [api.status(job_id)] if job_id else api.list_jobs(limit=limit)
+        console.print(job_details(api.status(job_id)))
     except LookupError as exc:
         raise _fail(str(exc), 1)
-    console.print(jobs_table(jobs))
 
 
 @app.command()
@@ -124,3 +126,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     url = get_settings().database_url
     upgrade(url, revision)
     errors.print(f"{redact_url(url)} is at revision {revision}")
+
+
+if __name__ == "__main__":
+    app()

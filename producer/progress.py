@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
@@ -41,14 +42,31 @@ class JobProgress:
         self.progress.update(task_id, rate=f"{speed:.1f}" if speed else "-")
 
 
+def _stamp(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
 def jobs_table(jobs: Iterable[Job]) -> Table:
-    table = Table("job", "kind", "model", "status", "done", "failed", "total", "created",
-                  "started", "finished", title="jobs")
+    """One line per job, newest first; ``aigc status JOB`` shows every field of one."""
+    table = Table("job", "kind", "status", "done", "failed", "total", "created", title="jobs")
+    table.columns[0].no_wrap = True
     for job in jobs:
-        stamp: Callable[[Any], str] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
-        table.add_row(job.id, job.kind, job.model, job.status, str(job.done), str(job.failed),
-                      str(job.total), stamp(job.created_at), stamp(job.started_at),
-                      stamp(job.finished_at))
+        table.add_row(job.id, job.kind, job.status, str(job.done), str(job.failed),
+                      str(job.total), _stamp(job.created_at))
+    return table
+
+
+def job_details(job: Job) -> Table:
+    """Every field of one job, one per line."""
+    table = Table.grid(padding=(0, 2))
+    fields = [("job", job.id), ("kind", job.kind), ("model", job.model), ("status", job.status),
+              ("items", f"{job.done} done, {job.failed} failed, {job.total} total"),
+              ("params", json.dumps(job.params)), ("priority", str(job.priority)),
+              ("created", _stamp(job.created_at)), ("started", _stamp(job.started_at)),
+              ("finished", _stamp(job.finished_at)),
+              ("cancel requested", _stamp(job.cancel_requested_at))]
+    for name, value in fields:
+        table.add_row(f"[bold]{name}", value)
     return table
 
 

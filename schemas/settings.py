@@ -71,7 +71,7 @@ class Settings(BaseSettings):
             raise ValueError(f"AIGC_DATABASE_URL is not a database URL: {exc}") from exc
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("AIGC_DATABASE_URL must be sqlite:// or postgresql://")
-        if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("", "psycopg2"):
+        if url.drivername == "postgresql+psycopg2":  # aigc ships psycopg 3, not psycopg2
             value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return value
 

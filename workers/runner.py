@@ -22,7 +22,9 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     owner = f"{worker}/{os.getpid()}"
     job = store.load_job(engine=engine, job_id=job_id)
     if job is None:
-        log.warning("job %s not found; dropping chunk of %d items", job_id, len(item_ids))
+        # A worker pointed at another database than the producer's: say so loudly.
+        log.error("job %s not found in %s; dropping chunk of %d items", job_id,
+                  engine.url.render_as_string(hide_password=True), len(item_ids))
         return {"job_id": job_id, "claimed": 0}
     items = store.claim(engine=engine, job_id=job_id, item_ids=item_ids, owner=owner,
                         lease_seconds=settings.lease_seconds)

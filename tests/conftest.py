@@ -1,0 +1,132 @@
+"""Fixtures: real Redis, real PostgreSQL and SQLite databases, real worker processes.
+
+A service that is not reachable skips its tests locally and fails them in CI (``CI=true``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from schemas.dispatch import celery_config
+from schemas.settings import Settings
+
+from tiny_models import build_tiny_gpt2
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REDIS_URL = os.environ.get("AIGC_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+POSTGRES_URL = os.environ.get("AIGC_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def need(service: str, error: Exception | None) -> None:
+    """Skip (locally) or fail (in CI) when ``service`` could not be reached."""
+    if error is None:
+        return
+    message = f"{service} is not reachable: {error}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: services are required)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer GPT-2 with the real GPT-2 tokenizer, saved like any HF model."""
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        need("Redis", exc)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the module, dropped afterwards."""
+    server = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"aigc_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with server.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        need("PostgreSQL", exc)
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    from schemas.db import get_engine
+
+    get_engine(url).dispose()
+    with server.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    server.dispose()
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'aigc.db'}"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+class WorkerProcess:
+    """A real ``python -m workers`` subprocess with its own node name and log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.settings = settings
+        self.hostname = f"cpu-{uuid.uuid4().hex[:8]}@test"
+        self.log_path = log_path
+        env = os.environ | settings_env(settings) | (extra_env or {})
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers", "--devices", "cpu", "--hostname", self.hostname],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Block until the worker answers a Celery ping over the broker."""
+        app = Celery(set_as_current=False)
+        app.conf.update(celery_config(self.settings))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            if app.control.ping(destination=[self.hostname], timeout=0.5):
+                return
+        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``AIGC_*`` environment that reproduces ``settings`` in a subprocess."""
+    return {f"AIGC_{name.upper()}": str(value) for name, value in settings.model_dump().items()}

@@ -1,0 +1,151 @@
+"""End to end: the producer API and CLI, real Redis, a real worker process, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from producer import api
+from schemas.db import upgrade
+from schemas.settings import Settings
+
+from conftest import REPO, WorkerProcess, settings_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(database_url, redis_url, tiny_model, tmp_path_factory):
+    """Settings shared by this process and one running worker; small chunks and batches."""
+    settings = Settings(broker_url=redis_url, database_url=database_url, text_model=str(tiny_model),
+                        chunk_size=16, max_batch_rows=8, data_dir=tiny_model.parent)
+    upgrade(database_url)
+    worker = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    try:
+        worker.wait_ready()
+        yield settings, worker
+    finally:
+        worker.stop()
+
+
+def plain_rows(url: str, sql: str, **params) -> list[dict]:
+    """Read with plain SQL, no ORM: what a downstream reader sees."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def test_fifty_articles_land_in_sql(stack, tiny_model):
+    settings, worker = stack
+    items = [{"topic": f"topic number {i}", "keywords": ["k"] * (i % 4)} for i in range(50)]
+    job_id = api.submit("article", items, params={"max_new_tokens": 12}, settings=settings)
+
+    job = api.wait(job_id, timeout=180, settings=settings)
+
+    assert (job.status, job.total, job.done, job.failed) == ("completed", 50, 50, 0)
+    assert job.started_at is not None and job.finished_at >= job.started_at
+    rows = plain_rows(settings.database_url, "SELECT * FROM results WHERE job_id = :j", j=job_id)
+    assert len(rows) == 50
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"item-{i}" for i in range(1, 51))
+    for row in rows:
+        assert row["output_text"], row
+        assert row["error_code"] is None
+        assert row["prompt_tokens"] > 10 and 1 <= row["output_tokens"] <= 12
+        assert row["model"] == str(tiny_model)
+        assert row["worker"] == worker.hostname and row["device"] == "cpu"
+        assert row["seed"] is not None and row["latency_ms"] > 0
+    statuses = plain_rows(settings.database_url,
+                          "SELECT status, count(*) AS n FROM items WHERE job_id = :j GROUP BY status",
+                          j=job_id)
+    assert statuses == [{"status": "done", "n": 50}]
+
+
+def test_results_come_back_in_submission_order_with_ad_variants(stack):
+    settings, _ = stack
+    items = [{"custom_id": f"ad-{i}", "product": "boots" + " very" * (7 * i % 11), "n_variants": 2}
+             for i in range(10)]
+    job_id = api.submit("ad_copy", items, params={"max_new_tokens": 6}, settings=settings)
+    assert api.wait(job_id, timeout=120, settings=settings).status == "completed"
+
+    rows = list(api.results(job_id, settings=settings))
+
+    assert [r["custom_id"] for r in rows] == [f"ad-{i}" for i in range(10)]
+    for row in rows:
+        variants = row["output"]["variants"]
+        assert len(variants) == 2 and all("headline" in v for v in variants)
+        assert row["params"]["temperature"] > 0  # variants are sampled, never two greedy copies
+
+
+def test_missing_model_fails_every_item_with_a_clear_error(stack, tmp_path):
+    settings, _ = stack
+    missing = tmp_path / "no-such-model"
+    job_id = api.submit("article", [{"topic": "a"}, {"topic": "b"}], model=str(missing),
+                        settings=settings)
+
+    job = api.wait(job_id, timeout=60, settings=settings)
+
+    assert (job.status, job.done, job.failed) == ("failed", 0, 2)
+    rows = list(api.results(job_id, settings=settings))
+    assert {r["error_code"] for r in rows} == {"model_not_found"}
+    assert all(str(missing) in r["error_message"] for r in rows)
+
+
+def run_cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ) | settings_env(settings)
+    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=180)
+    if check and result.returncode != 0:
+        raise AssertionError(f"aigc {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def test_cli_submit_wait_status_and_export(stack, tmp_path):
+    settings, _ = stack
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"c{i}", "prompt": f"Once upon a time {i}"}) + "\n"
+                              for i in range(5)), encoding="utf-8")
+
+    submitted = run_cli(settings, "submit", str(source), "--kind", "article",
+                        "--max-new-tokens", "5", "--wait", "--timeout", "120")
+    job_id = submitted.stdout.strip()
+    assert "completed" in submitted.stderr
+
+    shown = run_cli(settings, "status", job_id)
+    assert job_id[:8] in shown.stdout and "completed" in shown.stdout
+
+    out_jsonl = tmp_path / "out.jsonl"
+    run_cli(settings, "results", job_id, "--format", "jsonl", "-o", str(out_jsonl))
+    lines = [json.loads(line) for line in out_jsonl.read_text(encoding="utf-8").splitlines()]
+    assert [line["custom_id"] for line in lines] == [f"c{i}" for i in range(5)]
+    assert all(line["output"]["text"] == line["output_text"] and line["output_tokens"] for line in lines)
+
+    out_csv = tmp_path / "out.csv"
+    run_cli(settings, "results", job_id, "--format", "csv", "-o", str(out_csv))
+    with open(out_csv, newline="", encoding="utf-8") as stream:
+        records = list(csv.DictReader(stream))
+    assert [r["custom_id"] for r in records] == [f"c{i}" for i in range(5)]
+    assert all(json.loads(r["params"])["max_new_tokens"] == 5 for r in records)
+
+
+def test_cli_refuses_a_bad_file_and_creates_nothing(stack, tmp_path):
+    settings, _ = stack
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"topic": "fine"}\n{"topic": \n{"tone": "calm"}\n', encoding="utf-8")
+    before = plain_rows(settings.database_url, "SELECT count(*) AS n FROM jobs")[0]["n"]
+
+    result = run_cli(settings, "submit", str(source), "--kind", "article", check=False)
+
+    assert result.returncode == 2
+    assert "2:-: invalid JSON" in result.stderr
+    assert "3:topic: Field required" in result.stderr
+    assert "no job was created" in result.stderr
+    assert plain_rows(settings.database_url, "SELECT count(*) AS n FROM jobs")[0]["n"] == before

@@ -1,0 +1,84 @@
+"""Input validation: every problem reported with its line and field; templates and parsing."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from schemas.parsing import (MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_items,
+                             validate_records)
+from schemas.templates import parse_output, render_prompt
+
+
+def check(kind: str, data: bytes) -> tuple[list[ParsedItem], list[str]]:
+    out = list(validate_records(kind, read_jsonl(io.BytesIO(data))))
+    return ([o for o in out if isinstance(o, ParsedItem)], [str(o) for o in out if isinstance(o, Problem)])
+
+
+def test_valid_lines_get_ids_and_defaults():
+    items, problems = check("article", b'{"topic": "bees"}\n\n{"custom_id": "x", "prompt": "Hi"}\n')
+    assert problems == []
+    assert [(i.line, i.custom_id) for i in items] == [(1, "item-1"), (3, "x")]
+    assert items[0].input["length"] == 300 and "custom_id" not in items[1].input
+
+
+@pytest.mark.parametrize("line,expected", [
+    (b'{"topic": ', "1:-: invalid JSON"),
+    (b'{"tone": "calm"}', "1:topic: Field required"),
+    (b'{"topic": "x", "length": "long"}', "1:length: Input should be a valid integer"),
+    (b'{"topic": "x", "length": 5}', "1:length: Input should be greater than or equal to 20"),
+    (b'{"topic": "x", "colour": "red"}', "1:colour: Extra inputs are not permitted"),
+    (b'{"topic": "   "}', "1:topic: String should have at least 1 character"),
+    (b'{"topic": "x", "params": {"max_new_tokens": 100000}}', "1:params.max_new_tokens: Input should be less than or equal to 4096"),
+    (b'{"topic": "x", "params": {"max_new_tokens": -1}}', "1:params.max_new_tokens: Input should be greater than or equal to 1"),
+    (b'["topic"]', "1:-: expected a JSON object, got list"),
+    (b'\xff\xfe{}', "1:-: not valid UTF-8 (byte 0)"),
+    (b'{"topic": "' + b"x" * MAX_LINE_BYTES + b'"}', f"1:-: line is {MAX_LINE_BYTES + 14} bytes"),
+    (b"[" * 100_000 + b"]" * 100_000, "1:-: invalid JSON: nested too deeply"),
+])
+def test_each_problem_names_line_and_field(line, expected):
+    items, problems = check("article", line + b"\n")
+    assert items == []
+    assert len(problems) >= 1 and problems[0].startswith(expected), problems
+
+
+def test_all_problems_are_reported_at_once_with_their_lines():
+    data = b'{"topic": "ok"}\n{bad\n{"topic": "a", "custom_id": "d"}\n{"topic": "b", "custom_id": "d"}\n{"product": 1}\n'
+    items, problems = check("article", data)
+    assert [i.line for i in items] == [1, 3]
+    assert [p.split(":")[0:2] for p in problems] == [["2", "-"], ["4", "custom_id"], ["5", "product"]]
+
+
+def test_ad_copy_limits():
+    _, problems = check("ad_copy", b'{"product": "x", "n_variants": 11, "channel": "tv"}\n')
+    assert sorted(p.split(":")[1] for p in problems) == ["channel", "n_variants"]
+
+
+def test_python_objects_are_numbered_by_position():
+    out = list(validate_items("article", [{"topic": "a"}, {"topic": 3}, "nope"]))
+    assert isinstance(out[0], ParsedItem)
+    assert [str(p).split(":")[:2] for p in out[1:]] == [["2", "topic"], ["3", "-"]]
+
+
+def test_templates_render_and_parse():
+    article = {"topic": "bees", "keywords": ["honey"], "length": 300, "tone": "calm", "language": "English"}
+    prompt = render_prompt("article", article)
+    assert "bees" in prompt and "honey" in prompt and prompt.endswith("Title:")
+    assert parse_output("article", article, " Bees\nThey buzz.") == {"title": "Bees", "body": "They buzz."}
+    titled = article | {"title": "On bees"}
+    assert render_prompt("article", titled).endswith("Title: On bees")
+    assert parse_output("article", titled, "\nThey buzz.")["title"] == "On bees"
+
+    ad = {"product": "boots", "audience": "hikers", "channel": "social", "tone": "bold", "max_chars": 12}
+    assert render_prompt("ad_copy", ad).endswith("Headline:")
+    parsed = parse_output("ad_copy", ad, " Dry feet\nBody: Boots that keep water out\nCall to action: Buy")
+    assert parsed == {"headline": "Dry feet", "body": "Boots that k", "cta": "Buy"}
+    assert render_prompt("ad_copy", {"prompt": "free"}) == "free"
+    assert parse_output("ad_copy", {"prompt": "free"}, "text") == {"text": "text"}
+
+
+def test_item_json_round_trips_through_storage():
+    (item,) = [o for o in validate_items("article", [{"topic": "é ✓", "params": {"seed": 3}}])]
+    assert json.loads(json.dumps(item.input))["params"] == {"seed": 3}

@@ -1,0 +1,95 @@
+"""Submitting: everything committed before anything is enqueued; bad input stores nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from producer import DispatchError, api
+from schemas.db import get_engine, upgrade
+from schemas.dispatch import queue_name
+from schemas.parsing import InputError
+from schemas.settings import Settings
+from schemas.tables import Item, Job
+
+
+@pytest.fixture
+def settings(database_url, redis_url, tmp_path):
+    upgrade(database_url)
+    return Settings(broker_url=redis_url, database_url=database_url, chunk_size=10, data_dir=tmp_path)
+
+
+def counts(settings: Settings) -> tuple[int, int]:
+    with Session(get_engine(settings.database_url)) as session:
+        return (session.exec(select(func.count()).select_from(Job)).one()[0],
+                session.exec(select(func.count()).select_from(Item)).one()[0])
+
+
+def queued_messages(settings: Settings, kind: str) -> list[dict]:
+    client = redis.Redis.from_url(settings.broker_url)
+    return [json.loads(raw) for raw in client.lrange(queue_name(kind), 0, -1)]
+
+
+def test_items_are_committed_then_enqueued_as_chunks_of_ids(settings):
+    redis.Redis.from_url(settings.broker_url).delete(queue_name("article"))
+    job_id = api.submit("article", ({"topic": f"t{i}"} for i in range(25)), settings=settings)
+
+    job = api.status(job_id, settings=settings)
+    assert (job.status, job.total, job.kind, job.model) == ("queued", 25, "article", "text-small")
+    messages = queued_messages(settings, "article")
+    assert [m["headers"]["task"] for m in messages] == ["aigc.generate_chunk"] * 3
+    chunks = [json.loads(base64.b64decode(m["body"]))[0] for m in messages]
+    assert all(args[0] == job_id for args in chunks)
+    sent_ids = sorted(i for args in chunks for i in args[1])
+    with Session(get_engine(settings.database_url)) as session:
+        stored = session.exec(select(Item.id).where(Item.job_id == job_id)).scalars().all()
+    assert sent_ids == sorted(stored) and len(sent_ids) == 25  # ids only, every item once
+
+
+def test_invalid_items_store_nothing(settings):
+    before = counts(settings)
+    items = [{"topic": "fine"}] * 7000 + [{"topic": "x", "length": 1}, {"tone": "calm"}]
+    with pytest.raises(InputError) as caught:
+        api.submit("article", items, settings=settings)
+    assert [str(p) for p in caught.value.problems] == [
+        "7001:length: Input should be greater than or equal to 20",
+        "7002:topic: Field required (or give a free-form 'prompt')",
+    ]
+    assert counts(settings) == before  # the 7000 good rows, already inserted in bulk, rolled back
+
+
+@pytest.mark.parametrize("kind,params,expected", [
+    ("poem", None, "0:kind: unknown kind 'poem'"),
+    ("article", {"max_new_tokens": 0}, "0:params.max_new_tokens"),
+    ("article", {"temperature": -1}, "0:params.temperature"),
+])
+def test_bad_kind_or_params_store_nothing(settings, kind, params, expected):
+    before = counts(settings)
+    with pytest.raises(InputError, match=expected):
+        api.submit(kind, [{"topic": "x"}], params=params, settings=settings)
+    assert counts(settings) == before
+
+
+def test_an_empty_input_is_refused(settings):
+    with pytest.raises(InputError, match="no items"):
+        api.submit("article", [], settings=settings)
+
+
+def test_idempotency_key_returns_the_existing_job(settings):
+    first = api.submit("article", [{"topic": "a"}], idempotency_key="k-1", settings=settings)
+    before = counts(settings)
+    again = api.submit("article", [{"topic": "a"}, {"topic": "b"}], idempotency_key="k-1", settings=settings)
+    assert again == first and counts(settings) == before
+
+
+def test_an_unreachable_broker_keeps_the_job_and_says_how_to_resume(database_url, tmp_path):
+    settings = Settings(broker_url="redis://127.0.0.1:1/0", database_url=database_url, data_dir=tmp_path)
+    before = counts(settings)
+    with pytest.raises(DispatchError, match=r"run `aigc resume [0-9a-f-]{36}`"):
+        api.submit("article", [{"topic": "a"}, {"topic": "b"}], settings=settings)
+    assert counts(settings) == (before[0] + 1, before[1] + 2)  # nothing lost
