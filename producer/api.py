@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,19 @@ def submit(
     priority: int = 0,
     idempotency_key: str | None = None,
     metadata: dict[str, Any] | None = None,
+    on_invalid: Callable[[Problem], None] | None = None,
     settings: Settings | None = None,
 ) -> str:
     """Validate ``items`` (dicts or spec models), store them as one job, enqueue it; its id.
 
     Raises :class:`InputError` listing every problem (``LINE:FIELD: message``, the line being
-    the item's 1-based position) and stores nothing if any item is invalid.
+    the item's 1-based position) and stores nothing if any item is invalid; unless
+    ``on_invalid`` is given: then invalid items are handed to it and the valid ones submitted.
     """
     kind = _kind(kind)
     return _submit(kind, validate_items(kind, items), model=model, params=params,
                    priority=priority, idempotency_key=idempotency_key, metadata=metadata,
-                   settings=settings or get_settings())
+                   on_invalid=on_invalid, settings=settings or get_settings())
 
 
 def submit_file(path: str | Path, kind: Kind | str, **options: Any) -> str:
@@ -74,7 +76,8 @@ def _kind(kind: Kind | str) -> Kind:
 
 def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Settings,
             model: str | None = None, params: dict[str, Any] | None = None, priority: int = 0,
-            idempotency_key: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+            idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
+            on_invalid: Callable[[Problem], None] | None = None) -> str:
     try:
         job_params = GenerationParams.model_validate(params or {})
     except ValidationError as exc:
@@ -90,7 +93,7 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
         with Session(engine, expire_on_commit=False) as session, session.begin():
             session.add(job)
             session.flush()
-            job.total = _store_items(session, job.id, parsed)
+            job.total = _store_items(session, job.id, parsed, on_invalid)
     except IntegrityError:
         if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
             return existing  # a concurrent submit with the same key won the race
@@ -99,13 +102,20 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
     return job.id
 
 
-def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Problem]) -> int:
-    """Insert valid items in bulk; on any problem raise InputError (the caller rolls back)."""
+def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Problem],
+                 on_invalid: Callable[[Problem], None] | None = None) -> int:
+    """Insert valid items in bulk; on any problem raise InputError (the caller rolls back).
+
+    With ``on_invalid``, problems go to it instead and only the valid items are stored.
+    """
     problems: list[Problem] = []
     n_problems = 0
     rows: list[dict[str, Any]] = []
     count = 0
     for entry in parsed:
+        if isinstance(entry, Problem) and on_invalid is not None:
+            on_invalid(entry)
+            continue
         if isinstance(entry, Problem):
             n_problems += 1
             if len(problems) < MAX_REPORTED_PROBLEMS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -15,9 +16,9 @@ from schemas.db import SchemaError, upgrade
 from schemas.parsing import InputError
 from schemas.settings import get_settings, redact_url
 
-from . import api
+from . import api, control
 from .dispatch import DispatchError
-from .export import WRITERS
+from .export import BINARY_FORMATS, WRITERS
 from .progress import JobProgress, job_details, jobs_table
 
 app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.",
@@ -43,23 +44,37 @@ def submit(
     top_p: Annotated[Optional[float], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed for every item without its own")] = None,
     key: Annotated[Optional[str], typer.Option(help="idempotency key: resubmitting returns the same job")] = None,
-    priority: Annotated[int, typer.Option()] = 0,
+    priority: Annotated[int, typer.Option(help="higher runs first where the broker supports it")] = 0,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="submit the valid lines; write the problems to --errors-file")] = False,
+    errors_file: Annotated[Optional[Path], typer.Option(
+        help="with --skip-invalid: JSONL of {line, field, message} (default FILE.errors.jsonl)")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow progress until the job finishes")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="with --wait: give up after seconds")] = None,
 ) -> None:
-    """Validate FILE, store it as one job, and enqueue it. Prints the job id."""
+    """Validate FILE, store it as one job, and enqueue it. Prints the job id.
+
+    Every problem is reported as LINE:FIELD: message and no job is created, unless
+    --skip-invalid is given.
+    """
     params = {k: v for k, v in {"max_new_tokens": max_new_tokens, "temperature": temperature,
                                 "top_p": top_p, "seed": seed}.items() if v is not None}
+    rejects = _RejectFile(errors_file or file.with_name(file.name + ".errors.jsonl")) if skip_invalid else None
     try:
         job_id = api.submit_file(file, kind, model=model, params=params, priority=priority,
-                                 idempotency_key=key)
+                                 idempotency_key=key, on_invalid=rejects)
     except InputError as exc:
         raise _fail(f"{file}: {exc}\nno job was created", 2)
     except DispatchError as exc:
         raise _fail(str(exc), 3)
     except SchemaError as exc:
         raise _fail(str(exc), 2)
+    finally:
+        if rejects:
+            rejects.close()
     print(job_id)
+    if rejects and rejects.count:
+        errors.print(f"{rejects.count} problem(s) skipped; written to {rejects.path}")
     if wait:
         with JobProgress(errors) as progress:
             try:
@@ -69,6 +84,24 @@ def submit(
         errors.print(f"job {job_id}: {job.status} ({job.done} done, {job.failed} failed)")
         if job.status != "completed":
             raise typer.Exit(1)
+
+
+class _RejectFile:
+    """Writes skipped problems as JSONL, opening the file only if there is one."""
+
+    def __init__(self, path: Path):
+        self.path, self.count, self.stream = path, 0, None
+
+    def __call__(self, problem) -> None:
+        if self.stream is None:
+            self.stream = open(self.path, "w", encoding="utf-8")
+        self.stream.write(json.dumps({"line": problem.line, "field": problem.field,
+                                      "message": problem.message}) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self.stream:
+            self.stream.close()
 
 
 @app.command()
@@ -87,22 +120,51 @@ def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
 @app.command()
 def results(
     job_id: str,
-    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv")] = "jsonl",
+    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | parquet | openai")] = "jsonl",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file (default stdout)")] = None,
     errors_only: Annotated[bool, typer.Option("--errors", help="only failed items")] = False,
 ) -> None:
     """Write a job's results in submission order."""
     if format not in WRITERS:
         raise _fail(f"--format must be one of {', '.join(WRITERS)}", 2)
+    binary = format in BINARY_FORMATS
+    if binary and not output:
+        raise _fail(f"--format {format} needs --output FILE", 2)
     try:
         api.status(job_id)
     except LookupError as exc:
         raise _fail(str(exc), 1)
     rows = api.results(job_id, errors_only=errors_only)
-    with (open(output, "w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout)) as out:
+    if output:
+        opened = open(output, "wb") if binary else open(output, "w", newline="", encoding="utf-8")
+    with (opened if output else nullcontext(sys.stdout)) as out:
         count = WRITERS[format](rows, out)
     if output:
         errors.print(f"{count} rows written to {output}")
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job: pending items never start; finished results are kept."""
+    try:
+        new_status = control.cancel(job_id)
+    except LookupError as exc:
+        raise _fail(str(exc), 1)
+    errors.print(f"job {job_id}: {new_status}")
+
+
+@app.command()
+def resume(job_id: str) -> None:
+    """Re-send the job's items that are neither finished nor held by a live lease."""
+    try:
+        sent = control.resume(job_id)
+    except LookupError as exc:
+        raise _fail(str(exc), 1)
+    except ValueError as exc:
+        raise _fail(str(exc), 2)
+    except DispatchError as exc:
+        raise _fail(str(exc), 3)
+    errors.print(f"job {job_id}: {sent} item(s) re-sent")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

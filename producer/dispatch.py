@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import Engine, select
@@ -30,11 +31,11 @@ def _client(settings: Settings) -> Celery:
     return _clients[key]
 
 
-def pending_item_ids(engine: Engine, job_id: str) -> Iterator[int]:
-    """Ids of the job's items still waiting to run, in submission order, streamed."""
+def item_ids(engine: Engine, job_id: str, where: Any = None) -> Iterator[int]:
+    """Ids of the job's items matching ``where`` (default: pending), in order, streamed."""
     query = (
         select(Item.id)
-        .where(Item.job_id == job_id, Item.status == ItemStatus.pending)
+        .where(Item.job_id == job_id, Item.status == ItemStatus.pending if where is None else where)
         .order_by(Item.id)
         .execution_options(yield_per=10_000)
     )
@@ -53,13 +54,17 @@ def chunked(ids: Iterable[int], size: int) -> Iterator[list[int]]:
         yield chunk
 
 
-def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority: int = 0) -> int:
-    """Send the job's pending items as chunks of ids; return the number of messages sent."""
+def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority: int = 0,
+            where: Any = None) -> int:
+    """Send the job's items (pending ones, or those matching ``where``) as chunks of ids.
+
+    Returns the number of items sent.
+    """
     app = _client(settings)
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
-            for chunk in chunked(pending_item_ids(engine, job_id), settings.chunk_size):
+            for chunk in chunked(item_ids(engine, job_id, where), settings.chunk_size):
                 app.send_task(
                     TASK_GENERATE,
                     args=[job_id, chunk],
@@ -69,7 +74,7 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
                     retry=True,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
                 )
-                sent += 1
+                sent += len(chunk)
     except Exception as exc:  # kombu raises OperationalError and socket errors alike
         raise DispatchError(
             f"job {job_id} is saved, but the broker {redact_url(settings.broker_url)} did not take "

@@ -40,7 +40,7 @@ class GenerationParams(_Strict):
 
 
 class ItemParams(_Strict):
-    """Per-item overrides of the job's generation parameters."""
+    """Per-item overrides of the job's generation parameters, and ``n`` outputs per item."""
 
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=5.0)
@@ -49,6 +49,7 @@ class ItemParams(_Strict):
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
         None, max_length=8
     )
+    n: int | None = Field(None, ge=1, le=10, description="Outputs for this item (sampled).")
 
 
 class _TextSpec(_Strict):
@@ -107,6 +108,11 @@ class ImageSetSpec(_Strict):
     grid: bool = False
 
 
+def n_outputs(item_input: dict[str, Any]) -> int:
+    """How many outputs an item asks for: ad copy's ``n_variants``, else ``params.n``, else 1."""
+    return int(item_input.get("n_variants") or (item_input.get("params") or {}).get("n") or 1)
+
+
 SPECS: dict[Kind, type[_Strict]] = {
     Kind.article: ArticleSpec,
     Kind.ad_copy: AdCopySpec,
@@ -116,5 +122,6 @@ SPECS: dict[Kind, type[_Strict]] = {
 
 def effective_params(job_params: dict[str, Any], item_input: dict[str, Any]) -> GenerationParams:
     """The job's parameters with the item's overrides applied."""
-    overrides = {k: v for k, v in (item_input.get("params") or {}).items() if v is not None}
+    overrides = {k: v for k, v in (item_input.get("params") or {}).items()
+                 if v is not None and k != "n"}
     return GenerationParams.model_validate({**job_params, **overrides})

@@ -19,6 +19,7 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from schemas.db import upgrade
 from schemas.dispatch import celery_config
 from schemas.settings import Settings
 
@@ -130,3 +131,36 @@ class WorkerProcess:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``AIGC_*`` environment that reproduces ``settings`` in a subprocess."""
     return {f"AIGC_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+
+
+@pytest.fixture(scope="module")
+def stack(database_url, redis_url, tiny_model, tmp_path_factory):
+    """Settings shared by this process and one running worker; small chunks and batches."""
+    settings = Settings(broker_url=redis_url, database_url=database_url, text_model=str(tiny_model),
+                        chunk_size=16, max_batch_rows=8, data_dir=tiny_model.parent)
+    upgrade(database_url)
+    worker = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    try:
+        worker.wait_ready()
+        yield settings, worker
+    finally:
+        worker.stop()
+
+
+def plain_rows(url: str, sql: str, **params) -> list[dict]:
+    """Read with plain SQL, no ORM: what a downstream reader sees."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def run_cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ) | settings_env(settings)
+    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=180)
+    if check and result.returncode != 0:
+        raise AssertionError(f"aigc {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result

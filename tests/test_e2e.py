@@ -4,44 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from producer import api
-from schemas.db import upgrade
-from schemas.settings import Settings
 
-from conftest import REPO, WorkerProcess, settings_env
+from conftest import plain_rows, run_cli
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack(database_url, redis_url, tiny_model, tmp_path_factory):
-    """Settings shared by this process and one running worker; small chunks and batches."""
-    settings = Settings(broker_url=redis_url, database_url=database_url, text_model=str(tiny_model),
-                        chunk_size=16, max_batch_rows=8, data_dir=tiny_model.parent)
-    upgrade(database_url)
-    worker = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log")
-    try:
-        worker.wait_ready()
-        yield settings, worker
-    finally:
-        worker.stop()
-
-
-def plain_rows(url: str, sql: str, **params) -> list[dict]:
-    """Read with plain SQL, no ORM: what a downstream reader sees."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [dict(row._mapping) for row in connection.execute(text(sql), params)]
-    finally:
-        engine.dispose()
 
 
 def test_fifty_articles_land_in_sql(stack, tiny_model):
@@ -97,15 +67,6 @@ def test_missing_model_fails_every_item_with_a_clear_error(stack, tmp_path):
     rows = list(api.results(job_id, settings=settings))
     assert {r["error_code"] for r in rows} == {"model_not_found"}
     assert all(str(missing) in r["error_message"] for r in rows)
-
-
-def run_cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ) | settings_env(settings)
-    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=180)
-    if check and result.returncode != 0:
-        raise AssertionError(f"aigc {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
-    return result
 
 
 def test_cli_submit_wait_status_and_export(stack, tmp_path):

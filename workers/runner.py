@@ -6,7 +6,9 @@ import logging
 import os
 from typing import Any
 
+from schemas import lifecycle
 from schemas.db import get_engine
+from schemas.enums import JobStatus
 from schemas.settings import Settings
 
 from . import store
@@ -34,11 +36,15 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     done = failed = 0
     try:
         generator = get_generator(job.kind, job.model, settings)
-        for rows in generator.run(job, items):
+        batches = generator.run(job, items)
+        for rows in batches:
             d, f = _record(engine, job_id, rows, worker, owner)
             done, failed = done + d, failed + f
             finished = {row["item_id"] for row in rows}
             items = [item for item in items if item.id not in finished]
+            if items and lifecycle.job_status(engine=engine, job_id=job_id) != JobStatus.running:
+                batches.close()  # cancelled: what has not started never will
+                break
     except PermanentError as exc:
         log.error("job %s: %s", job_id, exc)
         error = {"error_code": exc.code, "error_message": str(exc)}
@@ -47,7 +53,12 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
                 for item in items]
         d, f = _record(engine, job_id, rows, worker, owner)
         done, failed = done + d, failed + f
+    if items and lifecycle.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
+        store.release_cancelled(engine=engine, item_ids=[item.id for item in items], owner=owner)
+        items = []
     final = store.finish_if_complete(engine=engine, job_id=job_id)
+    if lifecycle.finish_cancel(engine=engine, job_id=job_id):
+        final = JobStatus.cancelled
     log.info("job %s: chunk of %d items: %d done, %d failed%s", job_id, len(item_ids), done,
              failed, f"; job {final}" if final else "")
     return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, or_, select, update
+from sqlalchemy import Engine, and_, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from schemas import lifecycle
 from schemas.enums import ItemStatus, JobStatus
 from schemas.tables import Item, Job, Result, utcnow
 
@@ -49,9 +50,10 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
     now = utcnow()
     claimable = or_(Item.status == ItemStatus.pending,
                     and_(Item.status == ItemStatus.leased, Item.lease_expires_at < now))
+    job_active = exists().where(Job.id == job_id, Job.status.in_(lifecycle.ACTIVE))
     statement = (
         update(Item)
-        .where(Item.job_id == job_id, Item.id.in_(item_ids), claimable)
+        .where(Item.job_id == job_id, Item.id.in_(item_ids), claimable, job_active)
         .values(status=ItemStatus.leased, lease_owner=owner, attempts=Item.attempts + 1,
                 lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
         .returning(Item.id, Item.custom_id, Item.index, Item.input)
@@ -105,6 +107,18 @@ def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], ow
                         failed=Job.failed + counted[ItemStatus.error], updated_at=now)
             )
     return counted[ItemStatus.done], counted[ItemStatus.error]
+
+
+def release_cancelled(*, engine: Engine, item_ids: list[int], owner: str) -> int:
+    """Mark items this owner holds but will not run (their job was cancelled) ``cancelled``."""
+    if not item_ids:
+        return 0
+    with engine.begin() as connection:
+        return connection.execute(
+            update(Item).where(Item.id.in_(item_ids), Item.status == ItemStatus.leased,
+                               Item.lease_owner == owner)
+            .values(status=ItemStatus.cancelled, lease_expires_at=None, updated_at=utcnow())
+        ).rowcount
 
 
 def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from schemas.enums import Kind
 from schemas.settings import Settings
-from schemas.specs import effective_params
+from schemas.specs import effective_params, n_outputs
 from schemas.templates import parse_output, render_prompt
 
 from .lm import CausalLM, TextOutput, TextRequest
@@ -39,7 +39,7 @@ class TextBackend:
         for position, item in enumerate(items):
             params = effective_params(job.params, item.input)
             seed = params.seed if params.seed is not None else derive_seed(job.id, item.custom_id)
-            variants = int(item.input.get("n_variants", 1))
+            variants = n_outputs(item.input)
             if variants > 1 and params.temperature == 0:
                 params = params.model_copy(update={"temperature": VARIANT_TEMPERATURE})
             prompt = render_prompt(job.kind, item.input)

@@ -1,0 +1,47 @@
+"""Job state transitions that both the producer and the workers perform, in SQL.
+
+queued → running → completed | completed_with_errors | failed, and at any point before the end
+queued/running → cancelling → cancelled. Each transition is one conditional UPDATE, so two
+processes racing to make it cannot make it twice.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, exists, select, update
+
+from .enums import ItemStatus, JobStatus
+from .tables import Item, Job, utcnow
+
+ACTIVE = (JobStatus.queued, JobStatus.running)
+
+
+def request_cancel(*, engine: Engine, job_id: str) -> str | None:
+    """Mark an active job ``cancelling`` and its pending items ``cancelled``; its old status.
+
+    ``None`` when there is no such job.
+    """
+    now = utcnow()
+    with engine.begin() as connection:
+        status = connection.execute(select(Job.status).where(Job.id == job_id)).scalar()
+        if status in ACTIVE:
+            connection.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
+                status=JobStatus.cancelling, cancel_requested_at=now, updated_at=now))
+            connection.execute(update(Item)
+                               .where(Item.job_id == job_id, Item.status == ItemStatus.pending)
+                               .values(status=ItemStatus.cancelled, updated_at=now))
+    return status
+
+
+def finish_cancel(*, engine: Engine, job_id: str) -> bool:
+    """``cancelling`` → ``cancelled`` once no item of the job is leased; whether it moved."""
+    now = utcnow()
+    busy = exists().where(Item.job_id == job_id, Item.status == ItemStatus.leased)
+    with engine.begin() as connection:
+        return bool(connection.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.cancelling, ~busy)
+            .values(status=JobStatus.cancelled, finished_at=now, updated_at=now)).rowcount)
+
+
+def job_status(*, engine: Engine, job_id: str) -> str | None:
+    with engine.connect() as connection:
+        return connection.execute(select(Job.status).where(Job.id == job_id)).scalar()

@@ -1,0 +1,112 @@
+"""Cancel, resume, skip-invalid and every export format, against a real worker."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from producer import api, control
+from schemas.dispatch import queue_name
+
+from conftest import plain_rows, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def queue_length(settings, kind="article") -> int:
+    return redis.Redis.from_url(settings.broker_url).llen(queue_name(kind))
+
+
+def test_cancel_mid_job_keeps_finished_results_and_starts_nothing_more(stack):
+    settings, _ = stack
+    fine_chunks = settings.model_copy(update={"chunk_size": 2})
+    job_id = api.submit("article", [{"prompt": f"Story {i}:"} for i in range(300)],
+                        params={"max_new_tokens": 48}, settings=fine_chunks)
+    deadline = time.monotonic() + 60
+    while api.status(job_id, settings=settings).done < 6:
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.05)
+
+    assert control.cancel(job_id, settings=settings) in ("cancelling", "cancelled")
+    job = api.wait(job_id, timeout=60, settings=settings)
+    while queue_length(settings):  # the worker drains the remaining messages, running none
+        time.sleep(0.1)
+    time.sleep(1.0)
+
+    job = api.status(job_id, settings=settings)
+    assert job.status == "cancelled" and job.cancel_requested_at and job.finished_at
+    assert 6 <= job.done < 300 and job.failed == 0
+    results = plain_rows(settings.database_url, "SELECT custom_id FROM results WHERE job_id = :j", j=job_id)
+    statuses = dict((r["status"], r["n"]) for r in plain_rows(
+        settings.database_url, "SELECT status, count(*) AS n FROM items WHERE job_id = :j GROUP BY status", j=job_id))
+    assert len(results) == job.done == statuses["done"]
+    assert statuses["cancelled"] == 300 - job.done and set(statuses) == {"done", "cancelled"}
+    assert control.cancel(job_id, settings=settings) == "cancelled"  # idempotent
+    with pytest.raises(ValueError, match="cancelled job is not resumed"):
+        control.resume(job_id, settings=settings)
+
+
+def test_resume_resends_what_the_broker_lost(stack):
+    settings, _ = stack
+    elsewhere = settings.model_copy(update={"broker_url": settings.broker_url.rsplit("/", 1)[0] + "/14"})
+    lost = redis.Redis.from_url(elsewhere.broker_url)
+    job_id = api.submit("article", [{"topic": f"t{i}"} for i in range(20)],
+                        params={"max_new_tokens": 4}, settings=elsewhere)
+    lost.flushdb()  # the messages are gone; the rows are not
+    time.sleep(0.5)
+    assert api.status(job_id, settings=settings).status == "queued"
+
+    result = run_cli(settings, "resume", job_id)
+    assert "20 item(s) re-sent" in result.stderr
+    job = api.wait(job_id, timeout=120, settings=settings)
+
+    assert (job.status, job.done) == ("completed", 20)
+    assert control.resume(job_id, settings=settings) == 0  # nothing left to send
+
+
+def test_skip_invalid_submits_the_good_lines_and_files_the_bad(stack, tmp_path):
+    settings, _ = stack
+    source = tmp_path / "mixed.jsonl"
+    source.write_text('{"topic": "a"}\n{"topic": 5}\nnot json\n{"topic": "b"}\n', encoding="utf-8")
+
+    result = run_cli(settings, "submit", str(source), "--kind", "article", "--skip-invalid",
+                     "--max-new-tokens", "3", "--wait", "--timeout", "120")
+
+    job_id = result.stdout.strip()
+    assert "2 problem(s) skipped" in result.stderr
+    rejected = [json.loads(line) for line in (tmp_path / "mixed.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rejected] == [(2, "topic"), (3, "-")]
+    assert [r["custom_id"] for r in api.results(job_id, settings=settings)] == ["item-1", "item-4"]
+
+
+def test_every_export_format_describes_every_result(stack, tmp_path):
+    settings, _ = stack
+    items = [{"custom_id": "p", "prompt": "Hello"}, {"custom_id": "q", "prompt": "World", "params": {"n": 2}},
+             {"custom_id": "long", "prompt": "word " * 400}]
+    job_id = api.submit("article", items, params={"max_new_tokens": 5}, settings=settings)
+    assert api.wait(job_id, timeout=120, settings=settings).status == "completed_with_errors"
+    rows = list(api.results(job_id, settings=settings))
+
+    run_cli(settings, "results", job_id, "--format", "parquet", "-o", str(tmp_path / "r.parquet"))
+    table = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert [r["custom_id"] for r in table] == ["p", "q", "long"]
+    assert [r["output_text"] for r in table] == [r["output_text"] for r in rows]
+    assert json.loads(table[1]["params"])["temperature"] > 0 and table[2]["error_code"] == "prompt_too_long"
+
+    openai = run_cli(settings, "results", job_id, "--format", "openai").stdout.splitlines()
+    lines = [json.loads(line) for line in openai]
+    assert [line["custom_id"] for line in lines] == ["p", "q", "long"]
+    first = lines[0]["response"]["body"]
+    assert first["choices"][0]["text"] == rows[0]["output_text"] and lines[0]["error"] is None
+    assert first["usage"]["total_tokens"] == rows[0]["prompt_tokens"] + rows[0]["output_tokens"]
+    assert len(lines[1]["response"]["body"]["choices"]) == 2
+    assert lines[2]["response"] is None and lines[2]["error"]["code"] == "prompt_too_long"
+
+    only_errors = run_cli(settings, "results", job_id, "--errors").stdout.splitlines()
+    assert [json.loads(line)["custom_id"] for line in only_errors] == ["long"]
+    refused = run_cli(settings, "results", job_id, "--format", "parquet", check=False)
+    assert refused.returncode == 2 and "needs --output" in refused.stderr
