@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -128,15 +129,33 @@ def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Pr
                      "updated_at": utcnow()})
         count += 1
         if len(rows) >= INSERT_BATCH:
-            session.execute(insert(Item), rows)
+            _insert_items(session, rows)
             rows = []
     if n_problems:
         raise InputError(problems, n_problems)
     if count == 0 and not rows:
         raise InputError([Problem(0, "-", "the input has no items")])
     if rows:
-        session.execute(insert(Item), rows)
+        _insert_items(session, rows)
     return count
+
+
+ITEM_COLUMNS = ("job_id", "custom_id", "index", "input", "status", "attempts", "updated_at")
+
+
+def _insert_items(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Bulk insert in the session's transaction: COPY on PostgreSQL, executemany elsewhere."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        connection.execute(insert(Item), rows)
+        return
+    # COPY is several times faster than even batched INSERTs for large submissions.
+    columns = ", ".join(f'"{name}"' for name in ITEM_COLUMNS)
+    cursor = connection.connection.driver_connection.cursor()
+    with cursor.copy(f"COPY items ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([json.dumps(row["input"]) if name == "input" else row[name]
+                            for name in ITEM_COLUMNS])
 
 
 def _job_by_key(engine: Engine, key: str) -> str | None:

@@ -93,3 +93,13 @@ def test_an_unreachable_broker_keeps_the_job_and_says_how_to_resume(database_url
     with pytest.raises(DispatchError, match=r"run `aigc resume [0-9a-f-]{36}`"):
         api.submit("article", [{"topic": "a"}, {"topic": "b"}], settings=settings)
     assert counts(settings) == (before[0] + 1, before[1] + 2)  # nothing lost
+
+
+def test_inputs_round_trip_exactly_through_bulk_insert(settings):
+    tricky = ["é ✓ 漢字 🚀", "tab\there", "back\\slash", 'quote " and \\N', "line\nbreak", "\x01\x7f"]
+    items = [{"custom_id": f"u{i}", "prompt": text} for i, text in enumerate(tricky)]
+    job_id = api.submit("article", items, settings=settings)
+    with Session(get_engine(settings.database_url)) as session:
+        stored = session.exec(select(Item.custom_id, Item.input).where(Item.job_id == job_id)
+                              .order_by(Item.index)).all()
+    assert [(c, i["prompt"]) for c, i in stored] == [(f"u{i}", t.strip()) for i, t in enumerate(tricky)]
