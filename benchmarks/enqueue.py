@@ -63,7 +63,7 @@ def aigc_rate(path: Path, n: int, database_url: str) -> dict:
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT count(*) FROM items WHERE job_id = :j"), {"j": job_id}).scalar()
     engine.dispose()
-    messages = client.llen(queue_name("article"))
+    messages = sum(client.llen(key) for key in client.keys(queue_name("article") + "*"))
     assert rows == n and messages == -(-n // 64), (rows, messages)
     client.flushdb()
     return {"items_per_s": round(n / seconds), "seconds": round(seconds, 2), "messages": messages}

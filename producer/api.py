@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from schemas.db import ensure_schema
+from schemas.dispatch import MAX_PRIORITY
 from schemas.enums import ItemStatus, JobStatus, Kind
 from schemas.parsing import (
     MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, read_jsonl, validate_items,
@@ -84,6 +85,8 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
     except ValidationError as exc:
         raise InputError([Problem(0, "params." + ".".join(map(str, e["loc"])), e["msg"])
                           for e in exc.errors(include_url=False)]) from None
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise InputError([Problem(0, "priority", f"must be 0 to {MAX_PRIORITY} (higher runs sooner)")])
     engine = ensure_schema(settings.database_url)
     if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
         return existing

@@ -44,7 +44,7 @@ def submit(
     top_p: Annotated[Optional[float], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed for every item without its own")] = None,
     key: Annotated[Optional[str], typer.Option(help="idempotency key: resubmitting returns the same job")] = None,
-    priority: Annotated[int, typer.Option(help="higher runs first where the broker supports it")] = 0,
+    priority: Annotated[int, typer.Option(help="0-9, higher runs sooner (Redis broker)")] = 0,
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="submit the valid lines; write the problems to --errors-file")] = False,
     errors_file: Annotated[Optional[Path], typer.Option(

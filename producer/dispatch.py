@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine, select
 
-from schemas.dispatch import TASK_GENERATE, celery_config, queue_name
+from schemas.dispatch import TASK_GENERATE, broker_priority, celery_config, queue_name
 from schemas.enums import ItemStatus
 from schemas.settings import Settings, redact_url
 from schemas.tables import Item
@@ -69,7 +69,7 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
                     TASK_GENERATE,
                     args=[job_id, chunk],
                     queue=queue_name(kind),
-                    priority=priority,
+                    priority=broker_priority(priority),
                     producer=producer,
                     retry=True,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},

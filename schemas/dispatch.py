@@ -14,6 +14,12 @@ from .enums import Kind
 from .settings import Settings
 
 TASK_GENERATE = "aigc.generate_chunk"
+MAX_PRIORITY = 9  # job priority 0..9, higher runs sooner
+
+
+def broker_priority(priority: int) -> int:
+    """Kombu's Redis transport serves priority 0 first; our users say 9 for most urgent."""
+    return MAX_PRIORITY - priority
 
 
 def queue_name(kind: Kind | str) -> str:
@@ -26,7 +32,9 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     parts = urlsplit(settings.broker_url)
     if parts.scheme != "filesystem":
         # Redis: a message unacknowledged this long is redelivered; longer than any chunk takes.
-        return {"visibility_timeout": max(3600, 2 * settings.lease_seconds)}
+        # One list per priority level (kombu's default merges them into 4 steps).
+        return {"visibility_timeout": max(3600, 2 * settings.lease_seconds),
+                "priority_steps": list(range(MAX_PRIORITY + 1))}
     root = Path(parts.path or settings.data_dir / "broker")
     folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",
                "control_folder": root / "control", "processed_folder": root / "processed"}

@@ -11,14 +11,17 @@ import redis
 
 from producer import api, control
 from schemas.dispatch import queue_name
+from schemas.parsing import InputError
+from schemas.settings import Settings
 
-from conftest import plain_rows, run_cli
+from conftest import WorkerProcess, plain_rows, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 def queue_length(settings, kind="article") -> int:
-    return redis.Redis.from_url(settings.broker_url).llen(queue_name(kind))
+    client = redis.Redis.from_url(settings.broker_url)
+    return sum(client.llen(key) for key in client.keys(queue_name(kind) + "*"))
 
 
 def test_cancel_mid_job_keeps_finished_results_and_starts_nothing_more(stack):
@@ -110,3 +113,24 @@ def test_every_export_format_describes_every_result(stack, tmp_path):
     assert [json.loads(line)["custom_id"] for line in only_errors] == ["long"]
     refused = run_cli(settings, "results", job_id, "--format", "parquet", check=False)
     assert refused.returncode == 2 and "needs --output" in refused.stderr
+
+
+def test_higher_priority_jobs_run_first(redis_url, sqlite_url, tiny_model, tmp_path):
+    broker = redis_url.rsplit("/", 1)[0] + "/11"
+    redis.Redis.from_url(broker).flushdb()
+    settings = Settings(broker_url=broker, database_url=sqlite_url, text_model=str(tiny_model),
+                        chunk_size=4)
+    items = [{"prompt": f"Line {i}"} for i in range(4)]
+    order = [("low", 0), ("urgent", 9), ("middle", 5)]
+    jobs = {name: api.submit("article", items, params={"max_new_tokens": 8}, priority=p,
+                             metadata={"name": name}, settings=settings) for name, p in order}
+    with pytest.raises(InputError, match="0:priority"):
+        api.submit("article", items, priority=10, settings=settings)
+
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        finished = {name: api.wait(job_id, timeout=120, settings=settings).finished_at
+                    for name, job_id in jobs.items()}
+    finally:
+        worker.stop()
+    assert sorted(finished, key=finished.get) == ["urgent", "middle", "low"]

@@ -31,12 +31,16 @@ def counts(settings: Settings) -> tuple[int, int]:
 
 
 def queued_messages(settings: Settings, kind: str) -> list[dict]:
+    """Messages in the kind's queue, at every priority level (one Redis list per level)."""
     client = redis.Redis.from_url(settings.broker_url)
-    return [json.loads(raw) for raw in client.lrange(queue_name(kind), 0, -1)]
+    return [json.loads(raw) for key in sorted(client.keys(queue_name(kind) + "*"))
+            for raw in client.lrange(key, 0, -1)]
 
 
 def test_items_are_committed_then_enqueued_as_chunks_of_ids(settings):
-    redis.Redis.from_url(settings.broker_url).delete(queue_name("article"))
+    client = redis.Redis.from_url(settings.broker_url)
+    for key in client.keys(queue_name("article") + "*"):
+        client.delete(key)
     job_id = api.submit("article", ({"topic": f"t{i}"} for i in range(25)), settings=settings)
 
     job = api.status(job_id, settings=settings)
