@@ -23,9 +23,9 @@ from sqlmodel import Session
 from schemas.db import ensure_schema
 from schemas.dispatch import MAX_PRIORITY
 from schemas.enums import ItemStatus, JobStatus, Kind
+from schemas.formats import FORMATS, detect_format, reader_for
 from schemas.parsing import (
-    MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, read_jsonl, validate_items,
-    validate_records,
+    MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, validate_items, validate_records,
 )
 from schemas.settings import Settings, get_settings
 from schemas.specs import GenerationParams
@@ -60,12 +60,21 @@ def submit(
                    on_invalid=on_invalid, settings=settings or get_settings())
 
 
-def submit_file(path: str | Path, kind: Kind | str, **options: Any) -> str:
-    """Like :func:`submit`, for a JSONL file (one item per line); problems name file lines."""
+def submit_file(path: str | Path, kind: Kind | str, *, format: str = "auto", **options: Any) -> str:
+    """Like :func:`submit`, for a file; problems name its lines.
+
+    ``format``: ``jsonl`` (one item per line), ``csv`` (header = fields), ``openai`` (OpenAI
+    Batch API input lines), or ``auto`` (by extension, then by the first line).
+    """
     kind = _kind(kind)
     settings = options.pop("settings", None) or get_settings()
+    if format == "auto":
+        format = detect_format(path)
+    if format not in FORMATS:
+        raise InputError([Problem(0, "format", f"unknown format {format!r}; one of {', '.join(FORMATS)}")])
+    reader = reader_for(format, kind)
     with open(path, "rb") as stream:
-        return _submit(kind, validate_records(kind, read_jsonl(stream)), settings=settings, **options)
+        return _submit(kind, validate_records(kind, reader(stream)), settings=settings, **options)
 
 
 def _kind(kind: Kind | str) -> Kind:

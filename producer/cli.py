@@ -36,8 +36,9 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 @app.command()
 def submit(
-    file: Annotated[Path, typer.Argument(help="JSONL file, one item per line", exists=True, dir_okay=False)],
+    file: Annotated[Path, typer.Argument(help="items: JSONL, CSV or OpenAI Batch JSONL", exists=True, dir_okay=False)],
     kind: Annotated[str, typer.Option(help="article | ad_copy | image_set")],
+    format: Annotated[str, typer.Option("--format", help="auto | jsonl | csv | openai")] = "auto",
     model: Annotated[Optional[str], typer.Option(help="model directory or cached hub id")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate per item")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy")] = None,
@@ -61,8 +62,8 @@ def submit(
                                 "top_p": top_p, "seed": seed}.items() if v is not None}
     rejects = _RejectFile(errors_file or file.with_name(file.name + ".errors.jsonl")) if skip_invalid else None
     try:
-        job_id = api.submit_file(file, kind, model=model, params=params, priority=priority,
-                                 idempotency_key=key, on_invalid=rejects)
+        job_id = api.submit_file(file, kind, format=format, model=model, params=params,
+                                 priority=priority, idempotency_key=key, on_invalid=rejects)
     except InputError as exc:
         raise _fail(f"{file}: {exc}\nno job was created", 2)
     except DispatchError as exc:

@@ -21,6 +21,8 @@ PromptText = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
 ]
 CustomId = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+# Stop strings are taken as given: "\n" or "\nUser:" must keep their whitespace.
+StopText = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, max_length=200)]
 
 
 class _Strict(BaseModel):
@@ -34,9 +36,7 @@ class GenerationParams(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
-        default_factory=list, max_length=8
-    )
+    stop: list[StopText] = Field(default_factory=list, max_length=8)
 
 
 class ItemParams(_Strict):
@@ -46,9 +46,7 @@ class ItemParams(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
-        None, max_length=8
-    )
+    stop: list[StopText] | None = Field(None, max_length=8)
     n: int | None = Field(None, ge=1, le=10, description="Outputs for this item (sampled).")
 
 
@@ -109,8 +107,8 @@ class ImageSetSpec(_Strict):
 
 
 def n_outputs(item_input: dict[str, Any]) -> int:
-    """How many outputs an item asks for: ad copy's ``n_variants``, else ``params.n``, else 1."""
-    return int(item_input.get("n_variants") or (item_input.get("params") or {}).get("n") or 1)
+    """How many outputs an item asks for: ``params.n`` if set, else ad copy's ``n_variants``."""
+    return int((item_input.get("params") or {}).get("n") or item_input.get("n_variants") or 1)
 
 
 SPECS: dict[Kind, type[_Strict]] = {

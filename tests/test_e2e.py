@@ -110,3 +110,35 @@ def test_cli_refuses_a_bad_file_and_creates_nothing(stack, tmp_path):
     assert "3:topic: Field required" in result.stderr
     assert "no job was created" in result.stderr
     assert plain_rows(settings.database_url, "SELECT count(*) AS n FROM jobs")[0]["n"] == before
+
+
+def test_csv_and_openai_batch_files_round_trip(stack, tmp_path):
+    settings, _ = stack
+    table = tmp_path / "ads.csv"
+    table.write_text("custom_id,product,audience,n_variants,params.max_new_tokens\n"
+                     "a1,boots,hikers,2,6\n"
+                     'a2,"lamp, solar",gardeners,1,4\n', encoding="utf-8")
+    job_id = run_cli(settings, "submit", str(table), "--kind", "ad_copy", "--wait",
+                     "--timeout", "120").stdout.strip()
+    rows = list(api.results(job_id, settings=settings))
+    assert [(r["custom_id"], len(r["output"].get("variants", [None]))) for r in rows] == [("a1", 2), ("a2", 1)]
+    assert [r["params"]["max_new_tokens"] for r in rows] == [6, 4]
+
+    batch = tmp_path / "batch.jsonl"
+    lines = [{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-x", "max_tokens": 5, "messages": [
+                  {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}},
+             {"custom_id": "done-2", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "Once", "max_tokens": 3, "n": 2, "temperature": 0.7, "seed": 5}}]
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    job_id = run_cli(settings, "submit", str(batch), "--kind", "article", "--wait",
+                     "--timeout", "120").stdout.strip()
+    out = [json.loads(line) for line in
+           run_cli(settings, "results", job_id, "--format", "openai").stdout.splitlines()]
+
+    assert [o["custom_id"] for o in out] == ["chat-1", "done-2"]
+    assert all(o["error"] is None and o["response"]["status_code"] == 200 for o in out)
+    assert [len(o["response"]["body"]["choices"]) for o in out] == [1, 2]
+    assert out[1]["response"]["body"]["usage"]["completion_tokens"] <= 6
+    stored = {r["custom_id"]: r for r in api.results(job_id, settings=settings)}
+    assert stored["done-2"]["seed"] == 5 and stored["chat-1"]["params"]["stop"] == ["\nUser:"]
