@@ -14,14 +14,17 @@ import sys
 
 from schemas.enums import Kind
 
+from . import launcher
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="aigc worker", description=__doc__)
     parser.add_argument("--devices", default="cpu",
-                        help="'cpu', or one CUDA device index this process is pinned to")
+                        help="'cpu', 'all' (one process per GPU, supervised), or indices like 0,1")
     parser.add_argument("--queues", default=",".join(k.value for k in Kind if k.is_text),
                         help="comma-separated queues (kinds) to consume")
-    parser.add_argument("--hostname", default=None, help="Celery node name (default DEVICE@host)")
+    parser.add_argument("--hostname", default="{device}@%h",
+                        help="Celery node name; {device} becomes cpu or gpuN, %%h the host name")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--no-preload", action="store_true",
                         help="load the default text model on first use, not at start")
@@ -29,16 +32,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.devices == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        device = "cpu"
-    elif args.devices.isdigit():
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
-        device = f"gpu{args.devices}"
-    else:
-        sys.exit(f"aigc worker: --devices must be 'cpu' or one device index, not {args.devices!r}")
-    hostname = args.hostname or f"{device}@{socket.gethostname()}"
+    try:
+        devices = launcher.parse_devices(args.devices)
+    except ValueError as exc:
+        sys.exit(f"aigc worker: {exc}")
+    if args.devices.strip().lower() == "all" or "," in args.devices:
+        logging.basicConfig(level=args.loglevel.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        rest = [a for i, a in enumerate(argv) if not _is_devices_arg(argv, i)]
+        sys.exit(launcher.supervise(devices, rest))
+    device = launcher.pin(devices[0])
+    hostname = args.hostname.replace("{device}", device).replace("%h", socket.gethostname())
     logging.basicConfig(level=args.loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -47,6 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     ensure_schema(settings.database_url)
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            logging.getLogger("aigc.worker").warning(
+                "pinned to GPU %s but CUDA is not available here: running on the CPU", devices[0])
     if not args.no_preload:
         from .registry import get_generator
 
@@ -62,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main(["worker", "--pool=threads", "--concurrency=1", f"--hostname={hostname}",
                      f"--queues={args.queues}", f"--loglevel={args.loglevel}",
                      "--without-gossip", "--without-mingle"])
+
+
+def _is_devices_arg(argv: list[str], i: int) -> bool:
+    """Whether argv[i] is --devices, its value, or --devices=VALUE (the launcher sets its own)."""
+    return (argv[i] == "--devices" or argv[i].startswith("--devices=")
+            or (i > 0 and argv[i - 1] == "--devices"))
 
 
 if __name__ == "__main__":

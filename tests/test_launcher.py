@@ -1,0 +1,117 @@
+"""The fleet launcher: one pinned process per device, supervised; busy workers stay reachable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from producer import api
+from schemas.dispatch import celery_config
+from schemas.settings import Settings
+from workers.launcher import parse_devices
+
+from conftest import REPO, settings_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_parse_devices():
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices(" 0, 1 ") == ["0", "1"]
+    assert parse_devices("3") == ["3"]
+    for bad in ("gpu0", "0,0", "", "1,x"):
+        with pytest.raises(ValueError, match="--devices"):
+            parse_devices(bad)
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """{child pid: its CUDA_VISIBLE_DEVICES}, read from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            env = dict(item.split("=", 1) for item in
+                       (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+        except (OSError, IndexError, ValueError):
+            continue
+        found[int(entry.name)] = env.get("CUDA_VISIBLE_DEVICES")
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def fleet_settings(redis_url, sqlite_url, tiny_model):
+    return Settings(broker_url=redis_url, database_url=sqlite_url, text_model=str(tiny_model))
+
+
+def test_one_pinned_process_per_device_restarted_when_it_dies(fleet_settings, tmp_path):
+    tag = uuid.uuid4().hex[:6]
+    log = open(tmp_path / "fleet.log", "wb")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "workers", "--devices", "0,1", "--hostname", f"{{device}}-{tag}@test",
+         "--no-preload"], env=os.environ | settings_env(fleet_settings), cwd=REPO, stdout=log,
+        stderr=subprocess.STDOUT)
+    app = Celery(set_as_current=False)
+    app.conf.update(celery_config(fleet_settings))
+    names = [f"gpu0-{tag}@test", f"gpu1-{tag}@test"]
+    try:
+        replies = wait_for(lambda: len(app.control.ping(destination=names, timeout=1)) == 2 and True,
+                           120, "both device workers to answer")
+        assert replies
+        pinned = children_of(launcher.pid)
+        assert sorted(pinned.values()) == ["0", "1"]
+
+        victim = next(pid for pid, device in pinned.items() if device == "1")
+        os.kill(victim, signal.SIGKILL)
+        restarted = wait_for(lambda: [pid for pid, d in children_of(launcher.pid).items()
+                                      if d == "1" and pid != victim], 60, "a restarted gpu1 worker")
+        assert restarted and sorted(children_of(launcher.pid).values()) == ["0", "1"]
+        wait_for(lambda: app.control.ping(destination=[names[1]], timeout=1), 120, "gpu1 to answer again")
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(60)
+        log.close()
+    assert code == 0
+    assert children_of(launcher.pid) == {}
+    assert "exited with -9" in (tmp_path / "fleet.log").read_text()
+
+
+def test_a_busy_worker_answers_ping(fleet_settings, tmp_path):
+    from conftest import WorkerProcess
+
+    settings = fleet_settings.model_copy(update={"max_batch_rows": 1})
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        job_id = api.submit("article", [{"prompt": f"Tell a long story {i}"} for i in range(40)],
+                            params={"max_new_tokens": 200}, settings=settings)
+        wait_for(lambda: api.status(job_id, settings=settings).status == "running", 60, "the job to start")
+        app = Celery(set_as_current=False)
+        app.conf.update(celery_config(settings))
+        answered = app.control.ping(destination=[worker.hostname], timeout=2)
+        active = app.control.inspect(destination=[worker.hostname], timeout=2).active()
+        assert api.status(job_id, settings=settings).status == "running"  # still busy
+        assert answered == [{worker.hostname: {"ok": "pong"}}]
+        assert [t["name"] for t in active[worker.hostname]] == ["aigc.generate_chunk"]
+    finally:
+        worker.stop()
