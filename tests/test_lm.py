@@ -108,3 +108,35 @@ def test_resolve_model_names_what_is_missing(tmp_path, monkeypatch):
 
 def test_resolve_model_accepts_a_model_directory(tiny_model):
     assert resolve_model(str(tiny_model)) == str(tiny_model)
+
+
+def test_out_of_memory_halves_the_batch_and_remembers(tiny_model, monkeypatch):
+    import torch
+
+    from workers.errors import TransientError
+
+    lm = CausalLM(str(tiny_model), device="cpu")
+    params = GenerationParams(max_new_tokens=6)
+    requests = [TextRequest(i, p, params, seed=0) for i, p in enumerate(PROMPTS)]
+    expected = run(lm, requests, max_rows=8)
+    real = lm._run_batch
+    sizes = []
+
+    def small_device(reqs, ids):  # as if only 2 rows fit in memory
+        sizes.append(len(reqs))
+        if len(reqs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(reqs, ids)
+
+    monkeypatch.setattr(lm, "_run_batch", small_device)
+    got = run(lm, requests, max_rows=8)
+
+    assert {k: o.text for k, o in got.items()} == {k: o.text for k, o in expected.items()}
+    assert sizes[0] == 6 and max(sizes[1:]) <= 3 and lm.rows_cap == 2
+    sizes.clear()
+    run(lm, requests, max_rows=8)
+    assert max(sizes) <= 2  # later batches start at the size that fit
+
+    monkeypatch.setattr(lm, "_run_batch", lambda reqs, ids: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(TransientError, match="single row"):
+        run(lm, requests[:1], max_rows=8)

@@ -7,6 +7,7 @@ Hugging Face cache. Nothing is downloaded unless ``AIGC_ALLOW_DOWNLOADS`` is set
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 
 from schemas.specs import GenerationParams
 
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, TransientError
+
+log = logging.getLogger("aigc.worker")
 
 BUILTIN_MODELS = {"text-small": Path(__file__).parent / "models" / "text-small"}
 
@@ -136,6 +139,7 @@ class CausalLM:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024)
+        self.rows_cap: int | None = None  # lowered when a batch ran out of memory
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -157,9 +161,30 @@ class CausalLM:
             groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, tuple(p.stop)), []).append(i)
         for (max_new, *_), members in groups.items():
             lengths = [len(encoded[i]) for i in members]
-            for batch in plan_batches(lengths, max_new, max_rows, max_tokens):
+            rows = min(max_rows, self.rows_cap or max_rows)
+            for batch in plan_batches(lengths, max_new, rows, max_tokens):
                 chosen = [members[j] for j in batch]
-                yield self._run_batch([requests[i] for i in chosen], [encoded[i] for i in chosen])
+                yield from self._run_adaptive([requests[i] for i in chosen], [encoded[i] for i in chosen])
+
+    def _run_adaptive(self, requests: list[TextRequest], ids: list[list[int]]) -> Iterator[list[TextOutput]]:
+        """Run a batch; on out-of-memory halve it, retry, and remember the smaller size.
+
+        A single row that does not fit raises :class:`TransientError`: another attempt (later,
+        or on a worker with a larger device) may succeed.
+        """
+        try:
+            yield self._run_batch(requests, ids)
+            return
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(requests) == 1:
+                raise TransientError("out of memory generating a single row", code="out_of_memory") from None
+        half = (len(requests) + 1) // 2
+        self.rows_cap = half
+        log.warning("out of memory at %d rows; retrying as batches of at most %d", len(requests), half)
+        yield from self._run_adaptive(requests[:half], ids[:half])
+        yield from self._run_adaptive(requests[half:], ids[half:])
 
     @torch.inference_mode()
     def _run_batch(self, requests: list[TextRequest], ids: list[list[int]]) -> list[TextOutput]:

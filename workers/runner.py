@@ -12,14 +12,20 @@ from schemas.enums import JobStatus
 from schemas.settings import Settings
 
 from . import store
-from .errors import PermanentError
+from .errors import PermanentError, TransientError
 from .registry import get_generator
 
 log = logging.getLogger("aigc.worker")
 
 
-def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settings) -> dict[str, Any]:
-    """Run the chunk's claimable items; a failed item or batch is recorded, never raised."""
+def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settings,
+              last_attempt: bool = True) -> dict[str, Any]:
+    """Run the chunk's claimable items; a failed item or batch is recorded, never raised.
+
+    A :class:`TransientError` (out of memory, say) hands the unfinished items back (pending)
+    and is raised for the task to retry, unless this is the ``last_attempt``: then they are
+    recorded as errors so the job can finish.
+    """
     engine = get_engine(settings.database_url)
     owner = f"{worker}/{os.getpid()}"
     job = store.load_job(engine=engine, job_id=job_id)
@@ -45,6 +51,17 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
             if items and lifecycle.job_status(engine=engine, job_id=job_id) != JobStatus.running:
                 batches.close()  # cancelled: what has not started never will
                 break
+    except TransientError as exc:
+        if not last_attempt:
+            store.release(engine=engine, item_ids=[item.id for item in items], owner=owner)
+            raise
+        log.error("job %s: %s (no attempts left)", job_id, exc)
+        error = {"error_code": exc.code, "error_message": f"{exc} (after retries)"}
+        rows = [{"job_id": job_id, "item_id": item.id, "custom_id": item.custom_id,
+                 "kind": job.kind, "model": job.model, "params": job.params, **error}
+                for item in items]
+        d, f = _record(engine, job_id, rows, worker, owner)
+        done, failed = done + d, failed + f
     except PermanentError as exc:
         log.error("job %s: %s", job_id, exc)
         error = {"error_code": exc.code, "error_message": str(exc)}

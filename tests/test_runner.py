@@ -1,0 +1,68 @@
+"""The runner on a real database with a scripted generator: transient and permanent failures."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from schemas.db import get_engine
+from schemas.settings import Settings
+from schemas.tables import Item, Job
+from workers import runner
+from workers.errors import ModelNotFoundError, TransientError
+
+from test_store import make_job
+
+
+class Scripted:
+    """Yields one batch of results for the first ``succeed`` items, then fails as told."""
+
+    def __init__(self, failure: Exception, succeed: int = 2):
+        self.failure, self.succeed = failure, succeed
+
+    def run(self, job, items):
+        if self.succeed:
+            yield [{"job_id": job.id, "item_id": i.id, "custom_id": i.custom_id, "kind": job.kind,
+                    "model": job.model, "params": {}, "output_text": "ok"} for i in items[:self.succeed]]
+        raise self.failure
+
+
+def statuses(url: str, job_id: str) -> dict[str, int]:
+    with get_engine(url).connect() as connection:
+        rows = connection.execute(select(Item.status).where(Item.job_id == job_id)).scalars().all()
+    return {s: rows.count(s) for s in set(rows)}
+
+
+def job_row(url: str, job_id: str):
+    with get_engine(url).connect() as connection:
+        return connection.execute(select(Job.status, Job.done, Job.failed).where(Job.id == job_id)).one()
+
+
+def test_transient_failure_hands_items_back_then_errors_on_the_last_attempt(database_url, monkeypatch):
+    settings = Settings(database_url=database_url)
+    job_id, ids = make_job(database_url, 5)
+    monkeypatch.setattr(runner, "get_generator",
+                        lambda *a: Scripted(TransientError("out of memory", code="out_of_memory")))
+
+    with pytest.raises(TransientError):
+        runner.run_chunk(job_id, ids, worker="w", settings=settings, last_attempt=False)
+    assert statuses(database_url, job_id) == {"done": 2, "pending": 3}
+    assert tuple(job_row(database_url, job_id)) == ("running", 2, 0)
+
+    monkeypatch.setattr(runner, "get_generator",
+                        lambda *a: Scripted(TransientError("out of memory", code="out_of_memory"), 0))
+    result = runner.run_chunk(job_id, ids, worker="w", settings=settings, last_attempt=True)
+    assert result["done"] == 0 and result["failed"] == 3  # the retry claimed only the 3 left
+    assert statuses(database_url, job_id) == {"done": 2, "error": 3}
+    assert tuple(job_row(database_url, job_id)) == ("completed_with_errors", 2, 3)
+
+
+def test_permanent_failure_records_the_rest_as_errors(database_url, monkeypatch):
+    settings = Settings(database_url=database_url)
+    job_id, ids = make_job(database_url, 4)
+    monkeypatch.setattr(runner, "get_generator", lambda *a: Scripted(ModelNotFoundError("gone")))
+
+    result = runner.run_chunk(job_id, ids, worker="w", settings=settings)
+
+    assert (result["done"], result["failed"]) == (2, 2)
+    assert tuple(job_row(database_url, job_id)) == ("completed_with_errors", 2, 2)
