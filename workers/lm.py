@@ -101,19 +101,23 @@ class PerRowSampler(LogitsProcessor):
 
 
 def plan_batches(lengths: Sequence[int], max_new_tokens: int, max_rows: int,
-                 max_tokens: int) -> list[list[int]]:
+                 max_tokens: int, bucketing: bool = True) -> list[list[int]]:
     """Split indices into batches of similar prompt length (bucketing) within row/token limits.
 
     A batch costs rows x (longest prompt + new tokens) padded tokens; that stays under
-    ``max_tokens`` unless a single row already exceeds it.
+    ``max_tokens`` unless a single row already exceeds it. ``bucketing=False`` keeps the
+    submission order (the benchmark's baseline).
     """
     batches: list[list[int]] = []
     batch: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        width = lengths[index] + max_new_tokens  # the longest so far, as lengths ascend
+    width = 0
+    order = range(len(lengths))
+    for index in sorted(order, key=lambda i: lengths[i]) if bucketing else order:
+        width = max(width if batch else 0, lengths[index] + max_new_tokens)
         if batch and (len(batch) >= max_rows or (len(batch) + 1) * width > max_tokens):
             batches.append(batch)
             batch = []
+            width = lengths[index] + max_new_tokens
         batch.append(index)
     if batch:
         batches.append(batch)
@@ -144,8 +148,8 @@ class CausalLM:
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
 
-    def generate(self, requests: Sequence[TextRequest], *, max_rows: int,
-                 max_tokens: int) -> Iterator[list[TextOutput]]:
+    def generate(self, requests: Sequence[TextRequest], *, max_rows: int, max_tokens: int,
+                 bucketing: bool = True) -> Iterator[list[TextOutput]]:
         """Yield outputs batch by batch; requests sharing sampling params share batches."""
         encoded = self.encode([r.prompt for r in requests])
         groups: dict[tuple, list[int]] = {}
@@ -162,7 +166,7 @@ class CausalLM:
         for (max_new, *_), members in groups.items():
             lengths = [len(encoded[i]) for i in members]
             rows = min(max_rows, self.rows_cap or max_rows)
-            for batch in plan_batches(lengths, max_new, rows, max_tokens):
+            for batch in plan_batches(lengths, max_new, rows, max_tokens, bucketing):
                 chosen = [members[j] for j in batch]
                 yield from self._run_adaptive([requests[i] for i in chosen], [encoded[i] for i in chosen])
 
