@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from schemas import lifecycle
@@ -40,36 +41,33 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         return {"job_id": job_id, "claimed": 0}
     store.mark_running(engine=engine, job_id=job_id)
     done = failed = 0
+    writer = _Writer(engine, job_id, worker, owner)
     try:
         generator = get_generator(job.kind, job.model, settings)
         batches = generator.run(job, items)
         for rows in batches:
-            d, f = _record(engine, job_id, rows, worker, owner)
-            done, failed = done + d, failed + f
+            writer.submit(rows)  # written while the next batch generates
             finished = {row["item_id"] for row in rows}
             items = [item for item in items if item.id not in finished]
             if items and lifecycle.job_status(engine=engine, job_id=job_id) != JobStatus.running:
                 batches.close()  # cancelled: what has not started never will
                 break
     except TransientError as exc:
+        writer.flush()
         if not last_attempt:
             store.release(engine=engine, item_ids=[item.id for item in items], owner=owner)
             raise
         log.error("job %s: %s (no attempts left)", job_id, exc)
-        error = {"error_code": exc.code, "error_message": f"{exc} (after retries)"}
-        rows = [{"job_id": job_id, "item_id": item.id, "custom_id": item.custom_id,
-                 "kind": job.kind, "model": job.model, "params": job.params, **error}
-                for item in items]
-        d, f = _record(engine, job_id, rows, worker, owner)
-        done, failed = done + d, failed + f
+        writer.submit(_error_rows(job, items, exc.code, f"{exc} (after retries)"))
+        items = []
     except PermanentError as exc:
+        writer.flush()
         log.error("job %s: %s", job_id, exc)
-        error = {"error_code": exc.code, "error_message": str(exc)}
-        rows = [{"job_id": job_id, "item_id": item.id, "custom_id": item.custom_id,
-                 "kind": job.kind, "model": job.model, "params": job.params, **error}
-                for item in items]
-        d, f = _record(engine, job_id, rows, worker, owner)
-        done, failed = done + d, failed + f
+        writer.submit(_error_rows(job, items, exc.code, str(exc)))
+        items = []
+    finally:
+        written = writer.close()
+        done, failed = done + written[0], failed + written[1]
     if items and lifecycle.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
         store.release_cancelled(engine=engine, item_ids=[item.id for item in items], owner=owner)
         items = []
@@ -79,6 +77,43 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     log.info("job %s: chunk of %d items: %d done, %d failed%s", job_id, len(item_ids), done,
              failed, f"; job {final}" if final else "")
     return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}
+
+
+def _error_rows(job: Any, items: list[Any], code: str, message: str) -> list[dict[str, Any]]:
+    return [{"job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
+             "model": job.model, "params": job.params, "error_code": code, "error_message": message}
+            for item in items]
+
+
+class _Writer:
+    """Writes result batches on one background thread, in order, one batch in flight.
+
+    The forward pass releases the GIL, so a batch's rows are committed while the next batch
+    is generated. An error in writing surfaces at the next ``submit``/``flush``/``close``.
+    """
+
+    def __init__(self, engine: Any, job_id: str, worker: str, owner: str):
+        self.args = (engine, job_id)
+        self.worker, self.owner = worker, owner
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="aigc-writer")
+        self.pending: Future | None = None
+        self.done = self.failed = 0
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            d, f = self.pending.result()
+            self.done, self.failed, self.pending = self.done + d, self.failed + f, None
+
+    def submit(self, rows: list[dict[str, Any]]) -> None:
+        self.flush()
+        self.pending = self.pool.submit(_record, *self.args, rows, self.worker, self.owner)
+
+    def close(self) -> tuple[int, int]:
+        try:
+            self.flush()
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.done, self.failed
 
 
 def _record(engine: Any, job_id: str, rows: list[dict[str, Any]], worker: str, owner: str) -> tuple[int, int]:
