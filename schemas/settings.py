@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16_384, ge=64, description="Padded tokens (rows x (prompt + new tokens)) in one pass."
     )
+    max_attempts: int = Field(
+        5, ge=1, le=100, description="Claims of one item before it is recorded as an error "
+        "(an item that kills its worker every time must not loop forever).",
+    )
     torch_threads: int = Field(
         0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
     )

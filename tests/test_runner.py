@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from schemas.db import get_engine
 from schemas.settings import Settings
-from schemas.tables import Item, Job
+from schemas.tables import Item, Job, Result
 from workers import runner
 from workers.errors import ModelNotFoundError, TransientError
 
@@ -66,3 +66,29 @@ def test_permanent_failure_records_the_rest_as_errors(database_url, monkeypatch)
 
     assert (result["done"], result["failed"]) == (2, 2)
     assert tuple(job_row(database_url, job_id)) == ("completed_with_errors", 2, 2)
+
+
+def test_an_item_that_keeps_killing_its_worker_becomes_an_error(database_url, monkeypatch):
+    from sqlalchemy import update
+
+    settings = Settings(database_url=database_url, max_attempts=3)
+    job_id, ids = make_job(database_url, 3)
+    with get_engine(database_url).begin() as connection:  # three earlier claims died mid-run
+        connection.execute(update(Item).where(Item.id == ids[0]).values(attempts=3))
+    seen = []
+
+    class Recording:
+        def run(self, job, items):
+            seen.extend(i.id for i in items)
+            yield [{"job_id": job.id, "item_id": i.id, "custom_id": i.custom_id, "kind": job.kind,
+                    "model": job.model, "params": {}, "output_text": "ok"} for i in items]
+
+    monkeypatch.setattr(runner, "get_generator", lambda *a: Recording())
+
+    result = runner.run_chunk(job_id, ids, worker="w", settings=settings)
+
+    assert seen == ids[1:]  # the poison item never reached the generator
+    assert (result["done"], result["failed"]) == (2, 1)
+    with get_engine(database_url).connect() as connection:
+        code = connection.execute(select(Result.error_code).where(Result.item_id == ids[0])).scalar_one()
+    assert code == "too_many_attempts"

@@ -40,43 +40,54 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     if not items:
         return {"job_id": job_id, "claimed": 0}
     store.mark_running(engine=engine, job_id=job_id)
-    done = failed = 0
     writer = _Writer(engine, job_id, worker, owner)
     try:
-        generator = get_generator(job.kind, job.model, settings)
-        batches = generator.run(job, items)
-        for rows in batches:
-            writer.submit(rows)  # written while the next batch generates
-            finished = {row["item_id"] for row in rows}
-            items = [item for item in items if item.id not in finished]
-            if items and lifecycle.job_status(engine=engine, job_id=job_id) != JobStatus.running:
-                batches.close()  # cancelled: what has not started never will
-                break
-    except TransientError as exc:
-        writer.flush()
-        if not last_attempt:
-            store.release(engine=engine, item_ids=[item.id for item in items], owner=owner)
-            raise
-        log.error("job %s: %s (no attempts left)", job_id, exc)
-        writer.submit(_error_rows(job, items, exc.code, f"{exc} (after retries)"))
-        items = []
-    except PermanentError as exc:
-        writer.flush()
-        log.error("job %s: %s", job_id, exc)
-        writer.submit(_error_rows(job, items, exc.code, str(exc)))
-        items = []
+        poison = [item for item in items if item.attempts > settings.max_attempts]
+        if poison:
+            log.error("job %s: %d item(s) over %d attempts recorded as errors", job_id,
+                      len(poison), settings.max_attempts)
+            writer.submit(_error_rows(job, poison, "too_many_attempts",
+                                      f"claimed more than {settings.max_attempts} times without "
+                                      "a result: its worker died or timed out each time"))
+            items = [item for item in items if item.attempts <= settings.max_attempts]
+        if items:
+            items = _generate(job, items, writer, engine, settings, last_attempt)
     finally:
-        written = writer.close()
-        done, failed = done + written[0], failed + written[1]
+        done, failed = writer.close()
     if items and lifecycle.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
         store.release_cancelled(engine=engine, item_ids=[item.id for item in items], owner=owner)
-        items = []
     final = store.finish_if_complete(engine=engine, job_id=job_id)
     if lifecycle.finish_cancel(engine=engine, job_id=job_id):
         final = JobStatus.cancelled
     log.info("job %s: chunk of %d items: %d done, %d failed%s", job_id, len(item_ids), done,
              failed, f"; job {final}" if final else "")
     return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}
+
+
+def _generate(job: Any, items: list[Any], writer: "_Writer", engine: Any, settings: Settings,
+              last_attempt: bool) -> list[Any]:
+    """Generate batch by batch, handing rows to the writer; the items left unfinished."""
+    try:
+        batches = get_generator(job.kind, job.model, settings).run(job, items)
+        for rows in batches:
+            writer.submit(rows)  # written while the next batch generates
+            finished = {row["item_id"] for row in rows}
+            items = [item for item in items if item.id not in finished]
+            if items and lifecycle.job_status(engine=engine, job_id=job.id) != JobStatus.running:
+                batches.close()  # cancelled: what has not started never will
+                break
+        return items
+    except TransientError as exc:
+        writer.flush()
+        if not last_attempt:
+            store.release(engine=engine, item_ids=[item.id for item in items], owner=writer.owner)
+            raise
+        log.error("job %s: %s (no attempts left)", job.id, exc)
+        writer.submit(_error_rows(job, items, exc.code, f"{exc} (after retries)"))
+    except PermanentError as exc:
+        log.error("job %s: %s", job.id, exc)
+        writer.submit(_error_rows(job, items, exc.code, str(exc)))
+    return []
 
 
 def _error_rows(job: Any, items: list[Any], code: str, message: str) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ class ClaimedItem:
     custom_id: str
     index: int
     input: dict[str, Any]
+    attempts: int = 1
 
 
 def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
@@ -56,7 +57,7 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
         .where(Item.job_id == job_id, Item.id.in_(item_ids), claimable, job_active)
         .values(status=ItemStatus.leased, lease_owner=owner, attempts=Item.attempts + 1,
                 lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-        .returning(Item.id, Item.custom_id, Item.index, Item.input)
+        .returning(Item.id, Item.custom_id, Item.index, Item.input, Item.attempts)
     )
     with engine.begin() as connection:
         rows = connection.execute(statement).all()
