@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
@@ -166,6 +167,20 @@ def resume(job_id: str) -> None:
     except DispatchError as exc:
         raise _fail(str(exc), 3)
     errors.print(f"job {job_id}: {sent} item(s) re-sent")
+
+
+@app.command()
+def sweep(
+    stale: Annotated[float, typer.Option(help="seconds without progress before a job is resumed")] = 600,
+    every: Annotated[Optional[float], typer.Option(help="repeat every N seconds (run as a service)")] = None,
+) -> None:
+    """Resume active jobs that stopped making progress (lost messages, dead workers)."""
+    while True:
+        for job_id, sent in control.sweep(stale_seconds=stale).items():
+            errors.print(f"job {job_id}: {sent} item(s) re-sent")
+        if every is None:
+            return
+        time.sleep(every)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

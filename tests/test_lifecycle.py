@@ -134,3 +134,36 @@ def test_higher_priority_jobs_run_first(redis_url, sqlite_url, tiny_model, tmp_p
     finally:
         worker.stop()
     assert sorted(finished, key=finished.get) == ["urgent", "middle", "low"]
+
+
+def test_sweep_finishes_jobs_whose_messages_or_workers_were_lost(stack):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from schemas.db import get_engine
+    from schemas.tables import Item, Job, utcnow
+
+    settings, _ = stack
+    elsewhere = settings.model_copy(update={"broker_url": settings.broker_url.rsplit("/", 1)[0] + "/14"})
+    lost = api.submit("article", [{"topic": f"t{i}"} for i in range(6)], params={"max_new_tokens": 3},
+                      settings=elsewhere)
+    dead = api.submit("article", [{"topic": f"d{i}"} for i in range(4)], params={"max_new_tokens": 3},
+                      settings=elsewhere)
+    redis.Redis.from_url(elsewhere.broker_url).flushdb()
+    past = utcnow() - timedelta(hours=1)
+    with get_engine(settings.database_url).begin() as connection:  # a worker died holding these
+        connection.execute(update(Item).where(Item.job_id == dead).values(
+            status="leased", lease_owner="gone@host/1", lease_expires_at=past, attempts=1))
+        connection.execute(update(Job).where(Job.id.in_([lost, dead])).values(updated_at=past))
+    fresh = api.submit("article", [{"topic": "f"}], params={"max_new_tokens": 3}, settings=elsewhere)
+
+    swept = run_cli(settings, "sweep", "--stale", "600").stderr
+
+    assert f"job {lost}: 6 item(s) re-sent" in swept and f"job {dead}: 4 item(s) re-sent" in swept
+    assert fresh not in swept  # progress is recent: left alone
+    for job_id, n in ((lost, 6), (dead, 4)):
+        job = api.wait(job_id, timeout=120, settings=settings)
+        assert (job.status, job.done) == ("completed", n)
+    assert control.sweep(stale_seconds=0, settings=settings).get(lost) is None
+    control.cancel(fresh, settings=settings)
