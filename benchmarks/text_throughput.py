@@ -83,7 +83,7 @@ def lm_tokens_per_s(lm: CausalLM, texts: list[str], new_tokens: int, bucketing: 
 
 
 def start_workers(settings: Settings, count: int, threads: int, log_dir: Path) -> list[subprocess.Popen]:
-    env = os.environ | {f"AIGC_{k.upper()}": str(v) for k, v in settings.model_dump().items()}
+    env = os.environ | settings.to_env()
     env["AIGC_TORCH_THREADS"] = str(threads)
     procs = [subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu", "--hostname",
                                f"bench{i}@%h"], env=env, cwd=REPO,

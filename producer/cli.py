@@ -198,6 +198,21 @@ def demo(timeout: Annotated[float, typer.Option(help="seconds to wait for the jo
     raise typer.Exit(run_demo(timeout=timeout, console=console))
 
 
+@app.command()
+def flower(port: Annotated[int, typer.Option()] = 5555,
+           address: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1") -> None:
+    """Start Flower on the broker, with basic auth from AIGC_FLOWER_USER/AIGC_FLOWER_PASSWORD."""
+    settings = get_settings()
+    if settings.flower_password is None:
+        raise _fail("set AIGC_FLOWER_PASSWORD (and AIGC_FLOWER_USER, default admin): "
+                    "Flower always starts with authentication", 2)
+    # Credentials go through the environment, not argv, so `ps` does not show them.
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
+    os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+                               f"--port={port}", f"--address={address}"], env)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Create or migrate the tables of AIGC_DATABASE_URL."""

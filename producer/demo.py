@@ -51,10 +51,7 @@ def choose_broker(settings: Settings, console: Console) -> str:
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
-    env = os.environ | {"AIGC_BROKER_URL": settings.broker_url,
-                        "AIGC_DATABASE_URL": settings.database_url,
-                        "AIGC_TEXT_MODEL": settings.text_model,
-                        "AIGC_DATA_DIR": str(settings.data_dir)}
+    env = os.environ | settings.to_env()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu"],

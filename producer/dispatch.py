@@ -68,6 +68,7 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
                 app.send_task(
                     TASK_GENERATE,
                     args=[job_id, chunk],
+                    shadow=f"aigc.{kind} job={job_id} items={len(chunk)}",  # what Flower shows
                     queue=queue_name(kind),
                     priority=broker_priority(priority),
                     producer=producer,

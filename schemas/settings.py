@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(
         900, ge=10, description="How long a worker owns a claimed item before others may take it."
     )
+    flower_user: str = Field("admin", description="Flower's basic-auth user.")
+    flower_password: SecretStr | None = Field(
+        None, description="Flower's basic-auth password; `aigc flower` refuses to start without one."
+    )
     data_dir: Path = Field(
         Path(".aigc"), description="Local state: embedded broker folders, demo model cache."
     )
@@ -81,6 +85,17 @@ class Settings(BaseSettings):
         if url.drivername == "postgresql+psycopg2":  # aigc ships psycopg 3, not psycopg2
             value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return value
+
+    def to_env(self) -> dict[str, str]:
+        """``AIGC_*`` variables that rebuild these settings in a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"AIGC_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
 
     @model_validator(mode="after")
     def _check_limits(self) -> "Settings":

@@ -130,7 +130,7 @@ class WorkerProcess:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``AIGC_*`` environment that reproduces ``settings`` in a subprocess."""
-    return {f"AIGC_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+    return settings.to_env()
 
 
 @pytest.fixture(scope="module")

@@ -35,3 +35,15 @@ def test_passwords_are_redacted():
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("postgresql+psycopg://u:pw@db/x") == "postgresql+psycopg://u:***@db/x"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_to_env_rebuilds_the_same_settings(monkeypatch):
+    original = Settings(broker_url="redis://h:1/2", flower_password="pw", allow_downloads=True,
+                        max_batch_rows=7)
+    for name, value in original.to_env().items():
+        monkeypatch.setenv(name, value)
+    rebuilt = Settings()
+    assert rebuilt == original
+    assert rebuilt.flower_password.get_secret_value() == "pw"
+    assert "AIGC_FLOWER_PASSWORD" not in Settings().model_copy(update={"flower_password": None}).to_env()
+    assert "pw" not in repr(rebuilt)
