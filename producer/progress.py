@@ -73,8 +73,10 @@ def job_details(job: Job) -> Table:
 def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70) -> Table:
     table = Table("custom_id", "output", "tokens", "worker", title=title, show_lines=True)
     for row in rows:
-        text = row["output_text"] or f"[red]{row['error_code']}: {row['error_message']}"
+        text = " ".join((row["output_text"] or "").split())  # one paragraph for the terminal
         text = text if len(text) <= width * 3 else text[: width * 3] + "…"
+        if row["error_code"]:
+            text = f"[red]{row['error_code']}: {row['error_message']}"
         table.add_row(row["custom_id"], text,
                       f"{row['prompt_tokens'] or 0}+{row['output_tokens'] or 0}",
                       f"{row['worker']} ({row['device']})")
