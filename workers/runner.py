@@ -9,7 +9,7 @@ from typing import Any
 
 from schemas import lifecycle
 from schemas.db import get_engine
-from schemas.enums import JobStatus
+from schemas.enums import ItemStatus, JobStatus
 from schemas.settings import Settings
 
 from . import store
@@ -55,7 +55,8 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     finally:
         done, failed = writer.close()
     if items and lifecycle.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
-        store.release_cancelled(engine=engine, item_ids=[item.id for item in items], owner=owner)
+        store.release(engine=engine, item_ids=[item.id for item in items], owner=owner,
+                      to=ItemStatus.cancelled)
     final = store.finish_if_complete(engine=engine, job_id=job_id)
     if lifecycle.finish_cancel(engine=engine, job_id=job_id):
         final = JobStatus.cancelled

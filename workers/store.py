@@ -110,28 +110,17 @@ def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], ow
     return counted[ItemStatus.done], counted[ItemStatus.error]
 
 
-def release(*, engine: Engine, item_ids: list[int], owner: str) -> int:
-    """Hand items this owner holds back to ``pending`` (a transient failure; they will retry)."""
+def release(*, engine: Engine, item_ids: list[int], owner: str,
+            to: ItemStatus = ItemStatus.pending) -> int:
+    """Give up items this owner holds: back to ``pending`` (a transient failure: they will be
+    retried) or ``cancelled`` (their job was cancelled). Returns how many moved."""
     if not item_ids:
         return 0
     with engine.begin() as connection:
         return connection.execute(
             update(Item).where(Item.id.in_(item_ids), Item.status == ItemStatus.leased,
                                Item.lease_owner == owner)
-            .values(status=ItemStatus.pending, lease_owner=None, lease_expires_at=None,
-                    updated_at=utcnow())
-        ).rowcount
-
-
-def release_cancelled(*, engine: Engine, item_ids: list[int], owner: str) -> int:
-    """Mark items this owner holds but will not run (their job was cancelled) ``cancelled``."""
-    if not item_ids:
-        return 0
-    with engine.begin() as connection:
-        return connection.execute(
-            update(Item).where(Item.id.in_(item_ids), Item.status == ItemStatus.leased,
-                               Item.lease_owner == owner)
-            .values(status=ItemStatus.cancelled, lease_expires_at=None, updated_at=utcnow())
+            .values(status=to, lease_owner=None, lease_expires_at=None, updated_at=utcnow())
         ).rowcount
 
 
