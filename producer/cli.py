@@ -42,6 +42,7 @@ def submit(
     format: Annotated[str, typer.Option("--format", help="auto | jsonl | csv | openai")] = "auto",
     model: Annotated[Optional[str], typer.Option(help="model directory or cached hub id")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate per item")] = None,
+    min_new_tokens: Annotated[Optional[int], typer.Option(help="no end of text before this many")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy")] = None,
     top_p: Annotated[Optional[float], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed for every item without its own")] = None,
@@ -59,7 +60,8 @@ def submit(
     Every problem is reported as LINE:FIELD: message and no job is created, unless
     --skip-invalid is given.
     """
-    params = {k: v for k, v in {"max_new_tokens": max_new_tokens, "temperature": temperature,
+    params = {k: v for k, v in {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                                "temperature": temperature,
                                 "top_p": top_p, "seed": seed}.items() if v is not None}
     rejects = _RejectFile(errors_file or file.with_name(file.name + ".errors.jsonl")) if skip_invalid else None
     try:

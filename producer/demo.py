@@ -36,8 +36,9 @@ SAMPLE_ADS = [
 
 
 # Sampled, not greedy: a small model decoded greedily repeats itself. Seeds are derived from
-# job id and custom_id, and recorded, so any row can be regenerated exactly.
-SAMPLING = {"temperature": 0.8, "top_p": 0.9}
+# job id and custom_id, and recorded, so any row can be regenerated exactly. At least 16 tokens
+# each, so no sample ends before it starts.
+SAMPLING = {"temperature": 0.8, "top_p": 0.9, "min_new_tokens": 16}
 
 
 def choose_broker(settings: Settings, console: Console) -> str:

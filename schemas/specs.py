@@ -33,6 +33,8 @@ class GenerationParams(_Strict):
     """How text is sampled. Set per job; an item may override any of them under ``params``."""
 
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
+    min_new_tokens: int = Field(0, ge=0, le=MAX_NEW_TOKENS, description="End of text is not "
+                                "allowed before this many tokens.")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -43,6 +45,7 @@ class ItemParams(_Strict):
     """Per-item overrides of the job's generation parameters, and ``n`` outputs per item."""
 
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    min_new_tokens: int | None = Field(None, ge=0, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -119,7 +122,8 @@ SPECS: dict[Kind, type[_Strict]] = {
 
 
 def effective_params(job_params: dict[str, Any], item_input: dict[str, Any]) -> GenerationParams:
-    """The job's parameters with the item's overrides applied."""
+    """The job's parameters with the item's overrides applied (min capped at max)."""
     overrides = {k: v for k, v in (item_input.get("params") or {}).items()
                  if v is not None and k != "n"}
-    return GenerationParams.model_validate({**job_params, **overrides})
+    params = GenerationParams.model_validate({**job_params, **overrides})
+    return params.model_copy(update={"min_new_tokens": min(params.min_new_tokens, params.max_new_tokens)})

@@ -32,4 +32,4 @@ def test_demo_runs_the_sample_jobs_end_to_end(broker, redis_url, tmp_path):
                                           "AND model = 'text-small' AND seed IS NOT NULL")).scalar()
     engine.dispose()
     assert [tuple(s) for s in statuses] == [("ad_copy", "completed", 2), ("article", "completed", 4)]
-    assert results == 6
+    assert results == 6  # min_new_tokens: no sampled item ends before it starts

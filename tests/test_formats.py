@@ -95,7 +95,7 @@ def test_csv_reads_lazily():
     assert first == [(2, {"topic": "bees"}), (3, {"topic": "bees"}), (4, {"topic": "bees"})]
 
 
-UNKNOWN = "1:colour: unknown column; known: custom_id, prompt, params.max_new_tokens, params.temperature, " \
+UNKNOWN = "1:colour: unknown column; known: custom_id, prompt, params.max_new_tokens, params.min_new_tokens, params.temperature, " \
           "params.top_p, params.seed, params.stop, params.n, topic, keywords, length, tone, language, title"
 
 

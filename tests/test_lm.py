@@ -147,3 +147,19 @@ def test_plan_batches_without_bucketing_keeps_submission_order():
     batches = plan_batches(lengths, 10, 2, 10_000, bucketing=False)
     assert batches == [[0, 1], [2, 3], [4]]
     assert plan_batches(lengths, 10, 8, 600, bucketing=False) == [[0], [1], [2, 3], [4]]
+
+
+def test_min_new_tokens_holds_back_the_end_of_text(tiny_model):
+    from schemas.specs import effective_params
+
+    lm = CausalLM(str(tiny_model), device="cpu")
+    first = run(lm, [TextRequest(0, "Hello", GenerationParams(max_new_tokens=1), 0)], 1)[0]
+    lm.eos_id = lm.encode([first.text])[0][0]  # make the greedy first token the end of text
+
+    ended = run(lm, [TextRequest(0, "Hello", GenerationParams(max_new_tokens=8), 0)], 1)[0]
+    held = run(lm, [TextRequest(0, "Hello", GenerationParams(max_new_tokens=8, min_new_tokens=5), 0)], 1)[0]
+
+    assert ended.output_tokens == 0 and ended.text == ""
+    assert held.output_tokens >= 5 and held.text
+    capped = GenerationParams(max_new_tokens=4, min_new_tokens=9)
+    assert effective_params(capped.model_dump(), {}).min_new_tokens == 4

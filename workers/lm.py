@@ -162,7 +162,8 @@ class CausalLM:
                                   f"{p.max_new_tokens} the model's context of {self.context} "
                                   f"allows at most {max(limit, 0)}")]
                 continue
-            groups.setdefault((p.max_new_tokens, p.temperature, p.top_p, tuple(p.stop)), []).append(i)
+            key = (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, tuple(p.stop))
+            groups.setdefault(key, []).append(i)
         for (max_new, *_), members in groups.items():
             lengths = [len(encoded[i]) for i in members]
             rows = min(max_rows, self.rows_cap or max_rows)
@@ -206,6 +207,8 @@ class CausalLM:
             kwargs["logits_processor"] = LogitsProcessorList([sampler])
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.min_new_tokens:
+            kwargs["min_new_tokens"] = min(params.min_new_tokens, params.max_new_tokens)
         started = time.perf_counter()
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
