@@ -178,8 +178,14 @@ def sweep(
 ) -> None:
     """Resume active jobs that stopped making progress (lost messages, dead workers)."""
     while True:
-        for job_id, sent in control.sweep(stale_seconds=stale).items():
-            errors.print(f"job {job_id}: {sent} item(s) re-sent")
+        try:
+            for job_id, sent in control.sweep(stale_seconds=stale).items():
+                errors.print(f"job {job_id}: {sent} item(s) re-sent")
+        except Exception as exc:  # a database or broker outage: a service keeps going
+            if every is None:
+                raise
+            errors.print(f"sweep failed, retrying in {every:g} s: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}", markup=False)
         if every is None:
             return
         time.sleep(every)

@@ -33,7 +33,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     if parts.scheme != "filesystem":
         # Redis: a message unacknowledged this long is redelivered; longer than any chunk takes.
         # One list per priority level (kombu's default merges them into 4 steps).
-        return {"visibility_timeout": max(3600, 2 * settings.lease_seconds),
+        visibility = settings.visibility_timeout or max(3600, 2 * settings.lease_seconds)
+        # Messages of a worker that died come back after the visibility timeout; look for them
+        # every 10 s rather than kombu's default of every 100 s (one ZRANGE each time).
+        return {"visibility_timeout": visibility, "unacked_restore_throttle": 1,
                 "priority_steps": list(range(MAX_PRIORITY + 1))}
     root = Path(parts.path or settings.data_dir / "broker")
     folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",

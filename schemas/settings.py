@@ -7,11 +7,13 @@ naming the variable.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem", "memory")
@@ -53,7 +55,20 @@ class Settings(BaseSettings):
         0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
     )
     lease_seconds: int = Field(
-        900, ge=10, description="How long a worker owns a claimed item before others may take it."
+        900, ge=1, description="How long a worker owns a claimed item before others may take it."
+    )
+    visibility_timeout: int | None = Field(
+        None, ge=1, description="Seconds a Redis message may stay unacknowledged before the broker "
+        "hands it to another worker; default max(3600, 2 x lease_seconds). A chunk running longer "
+        "is delivered twice, and the lease makes the second delivery a no-op.",
+    )
+    db_outage_seconds: float = Field(
+        120, ge=0, description="How long a worker waits out an unreachable database (retrying "
+        "with backoff) before it gives the chunk back for a later retry.",
+    )
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Python modules a worker imports at start, e.g. to "
+        "register generator backends of your own (JSON list or comma-separated).",
     )
     flower_user: str = Field("admin", description="Flower's basic-auth user.")
     flower_password: SecretStr | None = Field(
@@ -62,6 +77,15 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path(".aigc"), description="Local state: embedded broker folders, demo model cache."
     )
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @field_validator("broker_url")
     @classmethod
@@ -94,6 +118,8 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            if isinstance(value, list):
+                value = ",".join(value)
             env[f"AIGC_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 

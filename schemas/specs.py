@@ -6,9 +6,10 @@ message naming the field, rather than failing (or costing hours) on a worker.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .enums import Kind
@@ -16,13 +17,30 @@ from .enums import Kind
 MAX_NEW_TOKENS = 4096
 MAX_PROMPT_CHARS = 32_000
 
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+# C0 controls but tab, newline and carriage return; DEL; C1 controls. NUL cannot even be stored
+# in a PostgreSQL text column, and the rest only ever arrive by mistake or with bad intent.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _no_control_characters(value: str) -> str:
+    found = _CONTROL.search(value)
+    if found:
+        raise PydanticCustomError(
+            "control_character",
+            "contains control character {code} at position {position}; only tab, newline "
+            "and carriage return are allowed",
+            {"code": f"U+{ord(found.group()):04X}", "position": found.start()})
+    return value
+
+
+Clean = AfterValidator(_no_control_characters)
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500), Clean]
 PromptText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS), Clean
 ]
-CustomId = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+CustomId = Annotated[str, StringConstraints(min_length=1, max_length=255), Clean]
 # Stop strings are taken as given: "\n" or "\nUser:" must keep their whitespace.
-StopText = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, max_length=200)]
+StopText = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, max_length=200), Clean]
 
 
 class _Strict(BaseModel):

@@ -37,11 +37,23 @@ def test_valid_lines_get_ids_and_defaults():
     (b'\xff\xfe{}', "1:-: not valid UTF-8 (byte 0)"),
     (b'{"topic": "' + b"x" * MAX_LINE_BYTES + b'"}', f"1:-: line is {MAX_LINE_BYTES + 14} bytes"),
     (b"[" * 100_000 + b"]" * 100_000, "1:-: invalid JSON: nested too deeply"),
+    (b'{"topic": "x", "params": ' + b'{"a": ' * 5000 + b'1' + b'}' * 5001, "1:-: invalid JSON: nested too deeply"),
+    (b'{"topic": "a\\u0000b"}', "1:topic: contains control character U+0000 at position 1"),
+    (b'{"prompt": "\\u001b[2J wipe"}', "1:prompt: contains control character U+001B at position 0"),
+    (b'{"topic": "x", "keywords": ["ok", "b\\u0007"]}', "1:keywords.1: contains control character U+0007"),
+    (b'{"topic": "x", "custom_id": "id\\u007f"}', "1:custom_id: contains control character U+007F"),
+    (b'{"topic": "x", "params": {"stop": ["\\u0000"]}}', "1:params.stop.0: contains control character U+0000"),
 ])
 def test_each_problem_names_line_and_field(line, expected):
     items, problems = check("article", line + b"\n")
     assert items == []
     assert len(problems) >= 1 and problems[0].startswith(expected), problems
+
+
+def test_tab_newline_and_carriage_return_are_ordinary_text():
+    items, problems = check("article", b'{"prompt": "a\\tb\\r\\nc", "params": {"stop": ["\\n"]}}\n')
+    assert problems == []
+    assert items[0].input["prompt"] == "a\tb\r\nc" and items[0].input["params"]["stop"] == ["\n"]
 
 
 def test_all_problems_are_reported_at_once_with_their_lines():

@@ -92,3 +92,72 @@ def test_an_item_that_keeps_killing_its_worker_becomes_an_error(database_url, mo
     with get_engine(database_url).connect() as connection:
         code = connection.execute(select(Result.error_code).where(Result.item_id == ids[0])).scalar_one()
     assert code == "too_many_attempts"
+
+
+class Died(BaseException):
+    """Stands in for the process dying: nothing in the runner catches it."""
+
+
+def test_a_rerun_chunk_runs_singly_and_charges_only_the_item_that_dies(database_url, monkeypatch):
+    from sqlalchemy import update
+
+    settings = Settings(database_url=database_url, max_attempts=5)
+    job_id, ids = make_job(database_url, 4)
+    with get_engine(database_url).begin() as connection:  # an earlier claim of all four died
+        connection.execute(update(Item).where(Item.id.in_(ids)).values(attempts=1))
+    batches = []
+
+    class DiesOnThird:
+        def run(self, job, items):
+            batches.append([i.id for i in items])
+            if items[0].id == ids[2]:
+                raise Died()
+            yield [{"job_id": job.id, "item_id": i.id, "custom_id": i.custom_id, "kind": job.kind,
+                    "model": job.model, "params": {}, "output_text": "ok"} for i in items]
+
+    monkeypatch.setattr(runner, "get_generator", lambda *a: DiesOnThird())
+
+    with pytest.raises(Died):
+        runner.run_chunk(job_id, ids, worker="w", settings=settings)
+
+    assert batches == [[ids[0]], [ids[1]], [ids[2]]]  # one at a time, in order
+    with get_engine(database_url).connect() as connection:
+        rows = dict(connection.execute(select(Item.id, Item.attempts).where(Item.job_id == job_id)).all())
+    assert [rows[i] for i in ids] == [2, 2, 2, 1]  # the last never ran: not charged
+    assert statuses(database_url, job_id)["done"] == 2  # written before the next one started
+
+
+def test_database_outages_are_waited_out_and_mistakes_are_not(monkeypatch):
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from workers import store
+    from workers.errors import DatabaseUnavailable
+
+    monkeypatch.setattr(store, "outage_seconds", 1.0)
+    calls = []
+
+    def flaky(failures: int, error: Exception):
+        @store.ride_out
+        def call():
+            calls.append(1)
+            if len(calls) <= failures:
+                raise error
+            return "ok"
+        return call
+
+    locked = OperationalError("UPDATE items", {}, sqlite3.OperationalError("database is locked"))
+    assert flaky(2, locked)() == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(DatabaseUnavailable, match="database unreachable for 1 s in call"):
+        flaky(100, locked)()
+    assert len(calls) > 2
+    calls.clear()
+    missing = OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: items"))
+    with pytest.raises(OperationalError):
+        flaky(100, missing)()
+    wrong = ProgrammingError("SELECT", {}, Exception("syntax error"))
+    with pytest.raises(ProgrammingError):
+        flaky(100, wrong)()
+    assert len(calls) == 2  # each tried once

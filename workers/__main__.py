@@ -7,6 +7,7 @@ pool is a thread pool: no fork ever happens after torch has started its threads.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import socket
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = get_settings()
     ensure_schema(settings.database_url)
+    for module in settings.plugins:  # the user's own backends register themselves on import
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            sys.exit(f"aigc worker: plugin {module!r} (AIGC_PLUGINS) failed to import: {exc}")
     import torch
 
     if settings.torch_threads:

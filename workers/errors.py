@@ -36,3 +36,9 @@ class TransientError(WorkerError):
     """Retried with backoff; the items stay claimable."""
 
     retryable = True
+
+
+class DatabaseUnavailable(TransientError):
+    """The database stayed unreachable longer than ``AIGC_DB_OUTAGE_SECONDS``."""
+
+    code = "database_unavailable"

@@ -7,7 +7,6 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from schemas import lifecycle
 from schemas.db import get_engine
 from schemas.enums import ItemStatus, JobStatus
 from schemas.settings import Settings
@@ -28,6 +27,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     recorded as errors so the job can finish.
     """
     engine = get_engine(settings.database_url)
+    store.outage_seconds = settings.db_outage_seconds
     owner = f"{worker}/{os.getpid()}"
     job = store.load_job(engine=engine, job_id=job_id)
     if job is None:
@@ -50,15 +50,17 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
                                       f"claimed more than {settings.max_attempts} times without "
                                       "a result: its worker died or timed out each time"))
             items = [item for item in items if item.attempts <= settings.max_attempts]
-        if items:
+        if len(items) > 1 and any(item.attempts > 1 for item in items):
+            items = _generate_carefully(job, items, writer, engine, settings, last_attempt)
+        elif items:
             items = _generate(job, items, writer, engine, settings, last_attempt)
     finally:
         done, failed = writer.close()
-    if items and lifecycle.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
+    if items and store.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
         store.release(engine=engine, item_ids=[item.id for item in items], owner=owner,
                       to=ItemStatus.cancelled)
     final = store.finish_if_complete(engine=engine, job_id=job_id)
-    if lifecycle.finish_cancel(engine=engine, job_id=job_id):
+    if store.finish_cancel(engine=engine, job_id=job_id):
         final = JobStatus.cancelled
     log.info("job %s: chunk of %d items: %d done, %d failed%s", job_id, len(item_ids), done,
              failed, f"; job {final}" if final else "")
@@ -74,7 +76,7 @@ def _generate(job: Any, items: list[Any], writer: "_Writer", engine: Any, settin
             writer.submit(rows)  # written while the next batch generates
             finished = {row["item_id"] for row in rows}
             items = [item for item in items if item.id not in finished]
-            if items and lifecycle.job_status(engine=engine, job_id=job.id) != JobStatus.running:
+            if items and store.job_status(engine=engine, job_id=job.id) != JobStatus.running:
                 batches.close()  # cancelled: what has not started never will
                 break
         return items
@@ -88,6 +90,25 @@ def _generate(job: Any, items: list[Any], writer: "_Writer", engine: Any, settin
     except PermanentError as exc:
         log.error("job %s: %s", job.id, exc)
         writer.submit(_error_rows(job, items, exc.code, str(exc)))
+    return []
+
+
+def _generate_carefully(job: Any, items: list[Any], writer: "_Writer", engine: Any,
+                        settings: Settings, last_attempt: bool) -> list[Any]:
+    """A chunk whose earlier run died: one item at a time, each written before the next.
+
+    One of these items may be what kills the worker. Run singly, only the item actually
+    running when the worker dies is charged an attempt (the others' charge from the claim is
+    taken back until their turn), so the redelivery cap catches the poison item and no other.
+    """
+    log.warning("job %s: %d item(s) of an interrupted chunk rerun one at a time", job.id, len(items))
+    store.add_attempts(engine=engine, item_ids=[item.id for item in items[1:]], delta=-1)
+    for position, item in enumerate(items):
+        if position:
+            writer.flush()  # the previous item is committed before this one may crash us
+            store.add_attempts(engine=engine, item_ids=[item.id], delta=1)
+        if _generate(job, [item], writer, engine, settings, last_attempt):
+            return items[position:]  # cancelled, or handed back for a retry
     return []
 
 

@@ -2,21 +2,74 @@
 
 Every function takes the engine keyword-only and runs in its own short transaction, so a
 crash between two calls leaves the rows consistent: an item is either still leased (and its
-lease expires) or done with exactly one result row.
+lease expires) or done with exactly one result row. Each function is also safe to run twice,
+which is what lets :func:`ride_out` retry it through a database outage.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, and_, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schemas import lifecycle
 from schemas.enums import ItemStatus, JobStatus
 from schemas.tables import Item, Job, Result, utcnow
+
+from .errors import DatabaseUnavailable
+
+log = logging.getLogger("aigc.worker")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# How long one call waits out an unreachable database; the runner sets it from the settings.
+outage_seconds: float = 120.0
+_MAX_BACKOFF = 5.0
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a database error means "not reachable right now" rather than "wrong"."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    if "sqlite" in type(exc.orig).__module__:  # only a busy file is worth waiting for
+        return any(word in str(exc.orig).lower() for word in ("locked", "busy"))
+    return True
+
+
+def ride_out(function: F) -> F:
+    """Retry ``function`` with backoff while the database is unreachable, for up to
+    :data:`outage_seconds`; then raise :class:`DatabaseUnavailable` (retried later)."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        deadline, delay = None, 0.25
+        while True:
+            try:
+                return function(*args, **kwargs)
+            except DBAPIError as exc:
+                if not is_outage(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + outage_seconds
+                if now >= deadline:
+                    raise DatabaseUnavailable(
+                        f"database unreachable for {outage_seconds:.0f} s in {function.__name__}: "
+                        f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}") from exc
+                log.warning("database unreachable in %s (%s); retrying in %.1f s",
+                            function.__name__, type(exc.orig or exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -37,6 +90,7 @@ class ClaimedItem:
     attempts: int = 1
 
 
+@ride_out
 def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
     with engine.connect() as connection:
         row = connection.execute(
@@ -45,12 +99,16 @@ def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
     return JobInfo(*row) if row else None
 
 
+@ride_out
 def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
           lease_seconds: int) -> list[ClaimedItem]:
-    """Lease those of ``item_ids`` that are pending or whose lease expired; return them."""
+    """Lease those of ``item_ids`` that are pending, whose lease expired, or that ``owner``
+    itself holds from an earlier run that did not finish (a worker runs one chunk at a time,
+    so that run is over); return them."""
     now = utcnow()
     claimable = or_(Item.status == ItemStatus.pending,
-                    and_(Item.status == ItemStatus.leased, Item.lease_expires_at < now))
+                    and_(Item.status == ItemStatus.leased,
+                         or_(Item.lease_expires_at < now, Item.lease_owner == owner)))
     job_active = exists().where(Job.id == job_id, Job.status.in_(lifecycle.ACTIVE))
     statement = (
         update(Item)
@@ -64,6 +122,7 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
     return sorted((ClaimedItem(*row) for row in rows), key=lambda item: item.index)
 
 
+@ride_out
 def mark_running(*, engine: Engine, job_id: str) -> None:
     now = utcnow()
     with engine.begin() as connection:
@@ -81,6 +140,7 @@ def _insert_ignoring_duplicates(engine: Engine):
     return dialect.insert(Result).on_conflict_do_nothing(index_elements=["job_id", "custom_id"])
 
 
+@ride_out
 def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], owner: str) -> tuple[int, int]:
     """Upsert result rows, finish their items, bump the job's counts; one transaction.
 
@@ -110,6 +170,7 @@ def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], ow
     return counted[ItemStatus.done], counted[ItemStatus.error]
 
 
+@ride_out
 def release(*, engine: Engine, item_ids: list[int], owner: str,
             to: ItemStatus = ItemStatus.pending) -> int:
     """Give up items this owner holds: back to ``pending`` (a transient failure: they will be
@@ -124,6 +185,7 @@ def release(*, engine: Engine, item_ids: list[int], owner: str,
         ).rowcount
 
 
+@ride_out
 def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
     """Move the job to its final state once every item is done or failed; the new status."""
     now = utcnow()
@@ -142,3 +204,22 @@ def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
         if not changed:
             return None
         return connection.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+
+
+@ride_out
+def add_attempts(*, engine: Engine, item_ids: list[int], delta: int) -> None:
+    """Shift the attempt count of items this process holds (see the runner's careful mode)."""
+    if item_ids:
+        with engine.begin() as connection:
+            connection.execute(update(Item).where(Item.id.in_(item_ids))
+                               .values(attempts=Item.attempts + delta))
+
+
+@ride_out
+def job_status(*, engine: Engine, job_id: str) -> str | None:
+    return lifecycle.job_status(engine=engine, job_id=job_id)
+
+
+@ride_out
+def finish_cancel(*, engine: Engine, job_id: str) -> bool:
+    return lifecycle.finish_cancel(engine=engine, job_id=job_id)
