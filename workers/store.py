@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, exists, or_, select, update
+from sqlalchemy import Engine, and_, case, exists, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas import lifecycle
 from schemas.enums import ItemStatus, JobStatus
-from schemas.tables import Item, Job, Result, utcnow
+from schemas.tables import ChunkRun, Item, Job, Result, utcnow
 
 
 @dataclass(frozen=True)
@@ -142,3 +142,9 @@ def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
         if not changed:
             return None
         return connection.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+
+
+def record_chunk_run(*, engine: Engine, run: dict[str, Any]) -> None:
+    """Insert one ``chunk_runs`` row: what a chunk run did and how long it took."""
+    with engine.begin() as connection:
+        connection.execute(insert(ChunkRun), [run])
