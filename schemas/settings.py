@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -51,6 +52,9 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Worker logs: 'text' for people, 'json' for one JSON object per line."
     )
     lease_seconds: int = Field(
         900, ge=10, description="How long a worker owns a claimed item before others may take it."
