@@ -103,8 +103,8 @@ class WorkerProcess:
         with open(log_path, "wb") as log, open(stdout_path or os.devnull, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "workers", "--devices", "cpu", "--hostname", self.hostname],
-                env=env, stdout=out if stdout_path else log, stderr=subprocess.STDOUT if not stdout_path else log,
-                cwd=REPO)
+                env=env, stdout=out if stdout_path else log,
+                stderr=log if stdout_path else subprocess.STDOUT, cwd=REPO)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
