@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, column, insert, select, table
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -190,6 +190,29 @@ def list_jobs(*, limit: int = 20, settings: Settings | None = None) -> list[Job]
     engine = ensure_schema((settings or get_settings()).database_url)
     with Session(engine, expire_on_commit=False) as session:
         return list(session.exec(select(Job).order_by(Job.created_at.desc()).limit(limit)).scalars())
+
+
+def active_jobs(*, settings: Settings | None = None) -> list[Job]:
+    """Jobs not yet finished (queued, running, cancelling), oldest first."""
+    engine = ensure_schema((settings or get_settings()).database_url)
+    unfinished = [s for s in JobStatus if not s.is_terminal]
+    with Session(engine, expire_on_commit=False) as session:
+        return list(session.exec(select(Job).where(Job.status.in_(unfinished))
+                                 .order_by(Job.created_at)).scalars())
+
+
+# The view built by migration 0002 (docs/results-table.md); rates are over wall-clock time.
+JOB_THROUGHPUT = table("job_throughput", *map(column, (
+    "job_id", "wall_seconds", "busy_seconds", "chunks", "prompt_tokens", "output_tokens",
+    "artifacts", "items_per_s", "tokens_per_s", "artifacts_per_s")))
+
+
+def throughput(job_ids: Iterable[str], *, settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """{job id: its ``job_throughput`` row} for those of ``job_ids`` that exist."""
+    engine = ensure_schema((settings or get_settings()).database_url)
+    query = select(JOB_THROUGHPUT).where(JOB_THROUGHPUT.c.job_id.in_(list(job_ids)))
+    with engine.connect() as connection:
+        return {row.job_id: dict(row._mapping) for row in connection.execute(query)}
 
 
 def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,

@@ -21,6 +21,7 @@ from . import api, control
 from .dispatch import DispatchError
 from .export import BINARY_FORMATS, WRITERS
 from .progress import JobProgress, job_details, jobs_table
+from .progress import watch as watch_jobs
 
 app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -110,8 +111,18 @@ class _RejectFile:
 
 @app.command()
 def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
-           limit: Annotated[int, typer.Option(help="jobs listed without JOB_ID")] = 20) -> None:
-    """Show one job, or the newest jobs."""
+           limit: Annotated[int, typer.Option(help="jobs listed without JOB_ID")] = 20,
+           watch: Annotated[bool, typer.Option(
+               "--watch", help="live bars (items, items/s, tokens/s, ETA) until the jobs finish")] = False,
+           interval: Annotated[float, typer.Option(help="with --watch: seconds between refreshes")] = 1.0,
+           ) -> None:
+    """Show one job, or the newest jobs; with --watch, follow JOB or every unfinished job.
+
+    --watch exits 0 once every watched job has finished (whatever its status), or on Ctrl-C.
+    """
+    if watch:
+        _watch([job_id] if job_id else None, interval)
+        return
     if not job_id:
         console.print(jobs_table(api.list_jobs(limit=limit)))
         return
@@ -119,6 +130,20 @@ def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
         console.print(job_details(api.status(job_id)))
     except LookupError as exc:
         raise _fail(str(exc), 1)
+
+
+def _watch(job_ids: list[str] | None, interval: float) -> None:
+    if job_ids is None and not api.active_jobs():
+        console.print("no unfinished jobs")
+        return
+    announce = f"watching {job_ids[0] if job_ids else 'every unfinished job'}; Ctrl-C to stop"
+    try:
+        jobs = watch_jobs(job_ids, console, interval=interval, announce=announce)
+    except LookupError as exc:
+        raise _fail(str(exc), 1)
+    for job in jobs:
+        console.print(f"job {job.id}: {job.status} ({job.done} done, {job.failed} failed, "
+                      f"{job.total} total)", highlight=False)
 
 
 @app.command()

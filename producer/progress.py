@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from schemas.enums import JobStatus
+from schemas.settings import Settings
 from schemas.tables import Job
 
 
 class JobProgress:
-    """A rich progress bar per job, showing items/s and the ETA; use as a context manager."""
+    """A rich progress bar per job: items done and failed of total, items/s, tokens/s, ETA.
+
+    Rates come from the ``job_throughput`` view when given (averages since the job started);
+    otherwise items/s is rich's own estimate from successive updates. Use as a context manager.
+    """
 
     def __init__(self, console: Console):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} items/s"), TextColumn("[dim]{task.fields[state]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+            TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[rate]} items/s"),
+            TextColumn("{task.fields[tokens]} tok/s"), TextColumn("[dim]{task.fields[state]}"),
+            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"), console=console,
         )
         self.tasks: dict[str, Any] = {}
 
@@ -32,14 +39,64 @@ class JobProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def update(self, job: Job) -> None:
+    def update(self, job: Job, rates: dict[str, Any] | None = None) -> None:
         if job.id not in self.tasks:
-            self.tasks[job.id] = self.progress.add_task(f"{job.kind} {job.id[:8]}",
-                                                        total=job.total, rate="-", state=job.status)
+            self.tasks[job.id] = self.progress.add_task(
+                f"{job.kind} {job.id[:8]}", total=job.total, failed=0, rate="-", tokens="-",
+                eta="-", state=job.status)
         task_id = self.tasks[job.id]
-        self.progress.update(task_id, completed=job.done + job.failed, state=job.status)
-        speed = self.progress.tasks[task_id].speed
-        self.progress.update(task_id, rate=f"{speed:.1f}" if speed else "-")
+        finished = job.done + job.failed
+        self.progress.update(task_id, completed=finished, failed=job.failed, state=job.status)
+        if rates is not None:
+            speed, tokens = rates.get("items_per_s"), rates.get("tokens_per_s")
+        else:
+            speed, tokens = self.progress.tasks[task_id].speed, None
+        final = JobStatus(job.status).is_terminal
+        eta = "-" if final or not speed else _clock((job.total - finished) / speed)
+        self.progress.update(task_id, rate=f"{speed:.1f}" if speed else "-",
+                             tokens=f"{tokens:.0f}" if tokens else "-", eta=eta)
+        if final:
+            self.progress.stop_task(task_id)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def watch(job_ids: list[str] | None, console: Console, *, interval: float = 1.0,
+          settings: Settings | None = None, announce: str = "") -> list[Job]:
+    """Show live bars until the jobs finish (Ctrl-C stops early); the jobs as last seen.
+
+    Without ``job_ids``: every unfinished job, including those submitted while watching.
+    ``announce`` is printed once the jobs were first read.
+    """
+    from . import api
+
+    seen: dict[str, Job] = {}
+    try:
+        with JobProgress(console) as progress:
+            while True:
+                if job_ids:
+                    jobs = [api.status(job_id, settings=settings) for job_id in job_ids]
+                else:
+                    unfinished = api.active_jobs(settings=settings)
+                    fresh = [j.id for j in unfinished if j.id not in seen]
+                    jobs = [api.status(j, settings=settings) for j in seen] + \
+                        [j for j in unfinished if j.id in fresh]
+                seen.update((job.id, job) for job in jobs)
+                rates = api.throughput(seen, settings=settings)
+                for job in jobs:
+                    progress.update(job, rates.get(job.id))
+                if announce:
+                    console.print(announce, highlight=False)
+                    announce = ""
+                if all(JobStatus(job.status).is_terminal for job in seen.values()):
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    return list(seen.values())
 
 
 def _stamp(moment: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Worker logs: 'text' for people, 'json' for one JSON object per line."
     )
     lease_seconds: int = Field(
         900, ge=1, description="How long a worker owns a claimed item before others may take it."

@@ -100,3 +100,28 @@ class Result(SQLModel, table=True):
     worker: str | None = Field(default=None, max_length=255)
     device: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+
+
+class ChunkRun(SQLModel, table=True):
+    """One run of one chunk by one worker: what it did and how long it took.
+
+    The views ``job_throughput`` and ``worker_throughput`` (migration 0002) aggregate these
+    rows into items/s and tokens/s; ``docs/results-table.md`` has the queries.
+    """
+
+    __tablename__ = "chunk_runs"
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    job_id: str = Field(foreign_key="jobs.id", max_length=36, index=True)
+    worker: str = Field(max_length=255)
+    device: str | None = Field(default=None, max_length=64)
+    items: int  # item ids in the message
+    claimed: int  # of those, items this run claimed (the rest were finished or leased elsewhere)
+    done: int
+    failed: int
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger)
+    output_tokens: int = Field(default=0, sa_type=BigInteger)
+    artifacts: int = 0  # files written (the images of image_set items)
+    started_at: datetime = Field(sa_type=DateTime(timezone=True))
+    finished_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
+    duration_ms: float

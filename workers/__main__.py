@@ -39,20 +39,20 @@ def main(argv: list[str] | None = None) -> None:
         devices = launcher.parse_devices(args.devices)
     except ValueError as exc:
         sys.exit(f"aigc worker: {exc}")
+    from schemas.settings import get_settings, redact_url
+
+    from . import logs
+
+    settings = get_settings()
+    logs.configure(settings, args.loglevel)
     if args.devices.strip().lower() == "all" or "," in args.devices:
-        logging.basicConfig(level=args.loglevel.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         rest = [a for i, a in enumerate(argv) if not _is_devices_arg(argv, i)]
         sys.exit(launcher.supervise(devices, rest))
     device = launcher.pin(devices[0])
     hostname = args.hostname.replace("{device}", device).replace("%h", socket.gethostname())
-    logging.basicConfig(level=args.loglevel.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from schemas.db import ensure_schema
-    from schemas.settings import get_settings, redact_url
 
-    settings = get_settings()
     ensure_schema(settings.database_url)
     for module in settings.plugins:  # the user's own backends register themselves on import
         try:
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"aigc worker: plugin {module!r} (AIGC_PLUGINS) failed to import: {exc}")
     import torch
 
+    logs.adopt_transformers()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if device != "cpu":
@@ -76,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger("aigc.worker").warning("default text model not loaded: %s", exc)
     from .app import app
 
+    logs.keep_for_celery(app)
     logging.getLogger("aigc.worker").info(
         "worker %s: broker %s, database %s", hostname, redact_url(settings.broker_url),
         redact_url(settings.database_url))
-    app.worker_main(["worker", "--pool=threads", "--concurrency=1", f"--hostname={hostname}",
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # no banner among JSON lines
+    app.worker_main([*quiet, "worker", "--pool=threads", "--concurrency=1", f"--hostname={hostname}",
                      f"--queues={args.queues}", f"--loglevel={args.loglevel}",
                      "--without-gossip", "--without-mingle"])
 

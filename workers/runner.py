@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from schemas.db import get_engine
 from schemas.enums import ItemStatus, JobStatus
 from schemas.settings import Settings
+from schemas.tables import utcnow
 
 from . import store
 from .errors import PermanentError, TransientError
@@ -26,6 +28,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     and is raised for the task to retry, unless this is the ``last_attempt``: then they are
     recorded as errors so the job can finish.
     """
+    started, started_at = time.monotonic(), utcnow()
     engine = get_engine(settings.database_url)
     store.outage_seconds = settings.db_outage_seconds
     owner = f"{worker}/{os.getpid()}"
@@ -35,8 +38,8 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         log.error("job %s not found in %s; dropping chunk of %d items", job_id,
                   engine.url.render_as_string(hide_password=True), len(item_ids))
         return {"job_id": job_id, "claimed": 0}
-    items = store.claim(engine=engine, job_id=job_id, item_ids=item_ids, owner=owner,
-                        lease_seconds=settings.lease_seconds)
+    items = claimed = store.claim(engine=engine, job_id=job_id, item_ids=item_ids, owner=owner,
+                                  lease_seconds=settings.lease_seconds)
     if not items:
         return {"job_id": job_id, "claimed": 0}
     store.mark_running(engine=engine, job_id=job_id)
@@ -56,14 +59,19 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
             items = _generate(job, items, writer, engine, settings, last_attempt)
     finally:
         done, failed = writer.close()
+        duration_ms = (time.monotonic() - started) * 1000
+        _record_run(engine, writer.run_row(job_id, len(item_ids), len(claimed), started_at, duration_ms))
     if items and store.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
         store.release(engine=engine, item_ids=[item.id for item in items], owner=owner,
                       to=ItemStatus.cancelled)
     final = store.finish_if_complete(engine=engine, job_id=job_id)
     if store.finish_cancel(engine=engine, job_id=job_id):
         final = JobStatus.cancelled
-    log.info("job %s: chunk of %d items: %d done, %d failed%s", job_id, len(item_ids), done,
-             failed, f"; job {final}" if final else "")
+    log.info("job %s: chunk of %d items: %d done, %d failed in %.0f ms on %s%s", job_id,
+             len(item_ids), done, failed, duration_ms, writer.device, f"; job {final}" if final else "",
+             extra={"job_id": job_id, "items": len(item_ids), "done": done, "failed": failed,
+                    "worker": worker, "device": writer.device, "duration_ms": round(duration_ms, 1),
+                    "job_status": final})
     return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}
 
 
@@ -131,6 +139,8 @@ class _Writer:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aigc-writer")
         self.pending: Future | None = None
         self.done = self.failed = 0
+        self.prompt_tokens = self.output_tokens = self.artifacts = 0
+        self.device: str | None = None
 
     def flush(self) -> None:
         if self.pending is not None:
@@ -138,6 +148,11 @@ class _Writer:
             self.done, self.failed, self.pending = self.done + d, self.failed + f, None
 
     def submit(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:  # what this run produced, for its chunk_runs row
+            self.prompt_tokens += row.get("prompt_tokens") or 0
+            self.output_tokens += row.get("output_tokens") or 0
+            self.artifacts += len(row.get("artifact_uris") or ())
+            self.device = self.device or row.get("device")
         self.flush()
         self.pending = self.pool.submit(_record, *self.args, rows, self.worker, self.owner)
 
@@ -147,6 +162,23 @@ class _Writer:
         finally:
             self.pool.shutdown(wait=True)
         return self.done, self.failed
+
+    def run_row(self, job_id: str, items: int, claimed: int, started_at: Any,
+                duration_ms: float) -> dict[str, Any]:
+        return {"job_id": job_id, "worker": self.worker, "device": self.device, "items": items,
+                "claimed": claimed, "done": self.done, "failed": self.failed,
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "artifacts": self.artifacts, "started_at": started_at, "finished_at": utcnow(),
+                "duration_ms": duration_ms}
+
+
+def _record_run(engine: Any, run: dict[str, Any]) -> None:
+    # Statistics only: the results are already committed, so failing the chunk here (and
+    # retrying it) would change nothing but the log.
+    try:
+        store.record_chunk_run(engine=engine, run=run)
+    except Exception:
+        log.exception("job %s: chunk_runs row not written", run["job_id"])
 
 
 def _record(engine: Any, job_id: str, rows: list[dict[str, Any]], worker: str, owner: str) -> tuple[int, int]:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, and_, case, exists, or_, select, update
+from sqlalchemy import Engine, and_, case, exists, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schemas import lifecycle
 from schemas.enums import ItemStatus, JobStatus
-from schemas.tables import Item, Job, Result, utcnow
+from schemas.tables import ChunkRun, Item, Job, Result, utcnow
 
 from .errors import DatabaseUnavailable
 
@@ -223,3 +223,10 @@ def job_status(*, engine: Engine, job_id: str) -> str | None:
 @ride_out
 def finish_cancel(*, engine: Engine, job_id: str) -> bool:
     return lifecycle.finish_cancel(engine=engine, job_id=job_id)
+
+
+@ride_out
+def record_chunk_run(*, engine: Engine, run: dict[str, Any]) -> None:
+    """Insert one ``chunk_runs`` row: what a chunk run did and how long it took."""
+    with engine.begin() as connection:
+        connection.execute(insert(ChunkRun), [run])
