@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         5, ge=1, le=100, description="Claims of one item before it is recorded as an error "
         "(an item that kills its worker every time must not loop forever).",
     )
+    model_cache_mb: int = Field(
+        0, ge=0, description="Memory for warm models per worker process, in MiB; the least "
+        "recently used are dropped beyond it. 0: half the GPU's memory, or a quarter of RAM.",
+    )
     torch_threads: int = Field(
         0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
     )

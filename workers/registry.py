@@ -1,13 +1,15 @@
 """Generator backends register here by job kind; workers look them up, never branch on kind.
 
 A backend is a class taking ``(model, settings)`` whose ``run(job, items)`` yields lists of
-result rows, one list per batch. Instances are cached per process (models stay warm), in a
-small LRU so a worker can switch models without holding every one it ever used.
+result rows, one list per batch, and whose ``memory_bytes`` says what its weights occupy.
+Instances are cached per process (models stay warm) in an LRU bounded by memory
+(``AIGC_MODEL_CACHE_MB``), so a worker can switch models without holding every one it ever used.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,12 +20,13 @@ from schemas.settings import Settings
 
 from .errors import UnknownKindError
 
-MAX_WARM_GENERATORS = 2
 # Modules whose import registers the built-in backends (imported on first lookup: they need torch).
 BUILTIN_BACKENDS = ("workers.text",)
 
 
 class Generator(Protocol):
+    memory_bytes: int
+
     def run(self, job: Any, items: list[Any]) -> Any: ...
 
 
@@ -61,6 +64,39 @@ def get_generator(kind: Kind | str, model: str, settings: Settings) -> Generator
             return _warm[key]
         generator = key[0](model, settings)
         _warm[key] = generator
-        while len(_warm) > MAX_WARM_GENERATORS:
-            _warm.popitem(last=False)
+        budget = cache_budget_bytes(settings)
+        while len(_warm) > 1 and sum(_memory(g) for g in _warm.values()) > budget:
+            _warm.popitem(last=False)  # the least recently used; never the one just loaded
+        _release_freed_memory()
         return generator
+
+
+def warm_models() -> list[tuple[str, str, int]]:
+    """(backend, model, bytes) of the warm generators, least recently used first."""
+    with _lock:
+        return [(cls.__name__, model, _memory(g)) for (cls, model), g in _warm.items()]
+
+
+def cache_budget_bytes(settings: Settings) -> int:
+    """``AIGC_MODEL_CACHE_MB``, or by default half the GPU's memory (a quarter of RAM on CPU)."""
+    if settings.model_cache_mb:
+        return settings.model_cache_mb << 20
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _memory(generator: Generator) -> int:
+    return int(getattr(generator, "memory_bytes", 0))
+
+
+def _release_freed_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

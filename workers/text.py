@@ -32,6 +32,7 @@ class TextBackend:
         self.settings = settings
         self.lm = CausalLM(model, allow_downloads=settings.allow_downloads)
         self.device = str(self.lm.device)
+        self.memory_bytes = self.lm.memory_bytes
 
     def run(self, job: Any, items: list[Any]) -> Iterator[list[dict[str, Any]]]:
         """Yield result rows (dicts for ``results``) as each batch finishes."""
