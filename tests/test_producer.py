@@ -100,7 +100,7 @@ def test_an_unreachable_broker_keeps_the_job_and_says_how_to_resume(database_url
 
 
 def test_inputs_round_trip_exactly_through_bulk_insert(settings):
-    tricky = ["é ✓ 漢字 🚀", "tab\there", "back\\slash", 'quote " and \\N', "line\nbreak", "\x01\x7f"]
+    tricky = ["é ✓ 漢字 🚀", "tab\there", "back\\slash", 'quote " and \\N', "line\nbreak", "cr\r\nlf", "a\u2028b\u00a0c\ufeffd"]
     items = [{"custom_id": f"u{i}", "prompt": text} for i, text in enumerate(tricky)]
     job_id = api.submit("article", items, settings=settings)
     with Session(get_engine(settings.database_url)) as session:
