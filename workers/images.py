@@ -26,6 +26,7 @@ from schemas.settings import Settings
 from .artifacts import ArtifactStore
 from .errors import TransientError
 from .gan import load_gan, resolve_gan
+from . import imaging
 from .imaging import encode_grid, encode_png
 from .registry import register
 from .seeds import derive_seed
@@ -107,12 +108,14 @@ class ImageSetBackend:
             batch, start, number = queue[start:start + size], start + size, number + 1
             images, latency_ms = self._forward([image_seed(p.seed, i) for p, i in batch],
                                                [p.label for p, _ in batch])
+            # Without torchvision, convert the whole batch at once; threads then only encode.
+            pixels = images if imaging.tv_utils is not None else imaging.to_uint8(images)
             finished = []
-            for (plan, index), image in zip(batch, images):
+            for (plan, index), image, pixel in zip(batch, images, pixels):
                 if number not in plan.batches:
                     plan.batches.add(number)
                     plan.latency_ms += latency_ms
-                plan.saved[index] = self.pool.submit(self._save_image, plan.folder, index, image)
+                plan.saved[index] = self.pool.submit(self._save_image, plan.folder, index, pixel)
                 if plan.grid:
                     plan.kept[index] = image
                 plan.left -= 1

@@ -58,7 +58,10 @@ def _pil_png(image: torch.Tensor) -> bytes:
 
 
 def encode_png(image: torch.Tensor, *, use_torchvision: bool | None = None) -> bytes:
-    """One (C, H, W) float image in [-1, 1] (on the CPU) → PNG bytes."""
+    """One (C, H, W) image on the CPU → PNG bytes: floats in [-1, 1], or uint8 already
+    converted by :func:`to_uint8` (the Pillow path; the same bytes, one batched conversion)."""
+    if image.dtype == torch.uint8:
+        return _pil_png(image)
     if _torchvision(use_torchvision):
         buffer = io.BytesIO()
         tv_utils.save_image(image, buffer, format="png", normalize=True, value_range=(-1, 1))
