@@ -45,6 +45,7 @@ from workers.dcgan import DCGAN, DCGANConfig  # noqa: E402
 from workers.gan import save_gan  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/11"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the worker's choice too
 BATCH = 64
 
 
@@ -54,9 +55,9 @@ def bare_images_per_s(model: DCGAN, n: int, batch: int, encode: bool = True) -> 
     for start in range(0, n, batch):
         size = min(batch, n - start)
         with torch.inference_mode():
-            out = model(torch.randn(size, model.config.nz, 1, 1))  # (B, 3, 64, 64)
+            out = model(torch.randn(size, model.config.nz, 1, 1, device=DEVICE))  # (B, 3, 64, 64)
+            pixels = out.add(1).div(2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
         if encode:
-            pixels = out.add(1).div(2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
             for array in pixels.permute(0, 2, 3, 1).numpy():
                 Image.fromarray(array).save(io.BytesIO(), format="png")
     return n / (time.perf_counter() - started)
@@ -105,7 +106,7 @@ def main() -> None:
     n = args.items * args.images_per_item
     redis.Redis.from_url(BROKER).flushdb()
     torch.manual_seed(0)
-    model = DCGAN(DCGANConfig()).eval()
+    model = DCGAN(DCGANConfig()).eval().to(DEVICE)
     bare_images_per_s(model, BATCH * 2, BATCH)  # warm up
     b64_over_b1 = []
     forward_b64_over_b1 = []
@@ -133,7 +134,7 @@ def main() -> None:
         png_bytes = sum(p.stat().st_size for p in (folder / "artifacts").rglob("*.png"))
     ratios = [s / ((bare[i] + bare[i + 1]) / 2) for i, s in enumerate(system)]
     report = {
-        "benchmark": "image_throughput", "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "benchmark": "image_throughput", "device": str(DEVICE), "torch_threads": torch.get_num_threads(),
         "model": "random DCGAN nz=100 ngf=64 64x64 RGB (3.58M parameters)", "images": n,
         "items": args.items, "images_per_item": args.images_per_item, "batch": BATCH,
         "repeats": args.repeats, "png_mib_written": round(png_bytes / 2**20, 1),
