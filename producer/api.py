@@ -100,7 +100,7 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
     if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
         return existing
     job = Job(id=str(uuid.uuid4()), idempotency_key=idempotency_key, kind=kind,
-              model=model or settings.text_model, params=job_params.model_dump(mode="json"),
+              model=model or settings.default_model(kind), params=job_params.model_dump(mode="json"),
               status=JobStatus.queued, priority=priority, meta=metadata or {})
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():

@@ -27,6 +27,8 @@ app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+models_app = typer.Typer(help="Pretrained models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console()
 errors = Console(stderr=True)
 
@@ -149,11 +151,15 @@ def _watch(job_ids: list[str] | None, interval: float) -> None:
 @app.command()
 def results(
     job_id: str,
-    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | parquet | openai")] = "jsonl",
+    format: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | parquet | openai | files")] = "jsonl",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file (default stdout)")] = None,
     errors_only: Annotated[bool, typer.Option("--errors", help="only failed items")] = False,
+    files: Annotated[bool, typer.Option("--files", help="only the URIs of the files written "
+                                        "(image kinds), one a line; same as --format files")] = False,
 ) -> None:
     """Write a job's results in submission order."""
+    if files:
+        format = "files"
     if format not in WRITERS:
         raise _fail(f"--format must be one of {', '.join(WRITERS)}", 2)
     binary = format in BINARY_FORMATS
@@ -244,6 +250,13 @@ def flower(port: Annotated[int, typer.Option()] = 5555,
     env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
                                f"--port={port}", f"--address={address}"], env)
+
+
+@models_app.command("fetch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def models_fetch(ctx: typer.Context) -> None:
+    """Fetch a pretrained model into AIGC_MODELS_DIR: `aigc models fetch [dcgan-faces] [--wheel FILE] [--force]`."""
+    args = ["--help" if a == "--help-fetch" else a for a in ctx.args]
+    os.execv(sys.executable, [sys.executable, "-m", "workers.fetch", *args])
 
 
 @db_app.command("upgrade")

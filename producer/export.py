@@ -103,5 +103,16 @@ def write_openai(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
     return write_jsonl(openai_lines(rows), out)
 
 
-WRITERS = {"jsonl": write_jsonl, "csv": write_csv, "parquet": write_parquet, "openai": write_openai}
+def write_files(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
+    """The URI of every file the items wrote (image kinds), one a line; how many."""
+    count = 0
+    for row in rows:
+        for uri in row.get("artifact_uris") or ():
+            out.write(f"{uri}\n")
+            count += 1
+    return count
+
+
+WRITERS = {"jsonl": write_jsonl, "csv": write_csv, "parquet": write_parquet, "openai": write_openai,
+           "files": write_files}
 BINARY_FORMATS = ("parquet",)

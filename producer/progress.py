@@ -132,9 +132,10 @@ def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70
     for row in rows:
         text = " ".join((row["output_text"] or "").split())  # one paragraph for the terminal
         text = text if len(text) <= width * 3 else text[: width * 3] + "…"
+        tokens = f"{row['prompt_tokens'] or 0}+{row['output_tokens'] or 0}"
+        if row.get("artifact_uris"):  # image kinds: the files written
+            text, tokens = "\n".join(row["artifact_uris"]), "-"
         if row["error_code"]:
             text = f"[red]{row['error_code']}: {row['error_message']}"
-        table.add_row(row["custom_id"], text,
-                      f"{row['prompt_tokens'] or 0}+{row['output_tokens'] or 0}",
-                      f"{row['worker']} ({row['device']})")
+        table.add_row(row["custom_id"], text, tokens, f"{row['worker']} ({row['device']})")
     return table

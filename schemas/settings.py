@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -16,10 +17,21 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from .enums import Kind
+
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem", "memory")
 
 # The model name that resolves to the small text model shipped inside the workers package.
 DEFAULT_TEXT_MODEL = "text-small"
+# The pretrained DCGAN that `aigc models fetch` converts from the gan-face-generate wheel.
+DEFAULT_IMAGE_MODEL = "dcgan-faces"
+# Which setting names the default model of each kind (a job may name any other).
+DEFAULT_MODEL_SETTING = {Kind.article: "text_model", Kind.ad_copy: "text_model",
+                         Kind.image_set: "image_model"}
+
+
+def _default_models_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aigc" / "models"
 
 
 class Settings(BaseSettings):
@@ -39,11 +51,25 @@ class Settings(BaseSettings):
         description="Default text model: a local directory, a hub id already in the local "
         "Hugging Face cache, or 'text-small' (the model shipped with aigc).",
     )
+    image_model: str = Field(
+        DEFAULT_IMAGE_MODEL,
+        description="Default image model: a folder with config.json (architecture) and "
+        "model.safetensors, or the name of a fetched pretrained model ('dcgan-faces').",
+    )
+    models_dir: Path = Field(
+        default_factory=_default_models_dir,
+        description="Where `aigc models fetch` puts pretrained models (~/.cache/aigc/models).",
+    )
+    artifact_root: str | None = Field(
+        None, description="Where image files go: a folder or any fsspec URL (s3://bucket/x, "
+        "memory://x, file:///x). Default: DATA_DIR/artifacts.",
+    )
     allow_downloads: bool = Field(
         False, description="Let workers download missing models from the Hugging Face hub."
     )
     chunk_size: int = Field(64, ge=1, le=10_000, description="Item ids per queue message.")
     max_batch_rows: int = Field(32, ge=1, le=4096, description="Rows in one forward pass.")
+    max_batch_images: int = Field(64, ge=1, le=4096, description="Images in one GAN forward pass.")
     max_batch_tokens: int = Field(
         16_384, ge=64, description="Padded tokens (rows x (prompt + new tokens)) in one pass."
     )
@@ -93,6 +119,10 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+    @field_validator("models_dir")
+    @classmethod
+    def _expand_models_dir(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @field_validator("broker_url")
     @classmethod
@@ -116,6 +146,14 @@ class Settings(BaseSettings):
         if url.drivername == "postgresql+psycopg2":  # aigc ships psycopg 3, not psycopg2
             value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return value
+
+    def default_model(self, kind: Kind | str) -> str:
+        """The model a job of ``kind`` runs when it names none."""
+        return getattr(self, DEFAULT_MODEL_SETTING[Kind(kind)])
+
+    def artifacts(self) -> str:
+        """The artifact root: ``AIGC_ARTIFACT_ROOT``, else ``DATA_DIR/artifacts``."""
+        return self.artifact_root or str(self.data_dir / "artifacts")
 
     def to_env(self) -> dict[str, str]:
         """``AIGC_*`` variables that rebuild these settings in a child process."""

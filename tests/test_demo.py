@@ -1,4 +1,9 @@
-"""``aigc demo`` in a subprocess, as a new user runs it: with Redis, and with none answering."""
+"""``aigc demo`` in a subprocess, as a new user runs it: with Redis, and with none answering.
+
+With Redis the demo runs the pretrained face model too (fetched into the stable models
+directory first). The embedded-broker run also has no PyPI and an empty models directory:
+the images are skipped, the reason is said, and the text part still finishes.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,31 @@ import sys
 import pytest
 from sqlalchemy import create_engine, text
 
+from conftest import need
+
 pytestmark = pytest.mark.integration
+
+NO_PYPI = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
 
 
 @pytest.mark.parametrize("broker", ["redis", "embedded"])
 def test_demo_runs_the_sample_jobs_end_to_end(broker, redis_url, tmp_path):
-    """The README's first command, with the shipped default model: what a new user sees."""
+    """The README's first command, with the shipped default models: what a new user sees."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_")}
-    env["AIGC_BROKER_URL"] = redis_url if broker == "redis" else "redis://127.0.0.1:1/0"
     env["COLUMNS"] = "200"
+    if broker == "redis":
+        env["AIGC_BROKER_URL"] = redis_url
+        from schemas.settings import Settings
+        from workers.fetch import FetchError, fetch
+
+        try:
+            fetch("dcgan-faces", Settings().models_dir)
+        except FetchError as exc:
+            need("PyPI (the gan-face-generate wheel)", exc)
+    else:
+        env |= NO_PYPI | {"AIGC_BROKER_URL": "redis://127.0.0.1:1/0",
+                          "AIGC_MODELS_DIR": str(tmp_path / "no-models")}
 
     result = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--timeout", "240"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -30,6 +51,18 @@ def test_demo_runs_the_sample_jobs_end_to_end(broker, redis_url, tmp_path):
         statuses = connection.execute(text("SELECT kind, status, done FROM jobs ORDER BY kind")).all()
         results = connection.execute(text("SELECT count(*) FROM results WHERE output_text != '' "
                                           "AND model = 'text-small' AND seed IS NOT NULL")).scalar()
+        images = connection.execute(text("SELECT custom_id, artifact_uris, seed FROM results "
+                                         "WHERE kind = 'image_set' ORDER BY custom_id")).all()
     engine.dispose()
-    assert [tuple(s) for s in statuses] == [("ad_copy", "completed", 2), ("article", "completed", 4)]
     assert results == 6  # min_new_tokens: no sampled item ends before it starts
+    text_jobs = [("ad_copy", "completed", 2), ("article", "completed", 4)]
+    if broker == "embedded":
+        assert [tuple(s) for s in statuses] == text_jobs and images == []
+        said = " ".join(result.stdout.split())
+        assert "images skipped" in said and "could not download gan-face-generate==1.1.1" in said
+        return
+    assert [tuple(s) for s in statuses] == text_jobs + [("image_set", "completed", 2)]
+    assert [(row[0], row[2]) for row in images][0] == ("faces-a", 1234)
+    files = sorted((tmp_path / ".aigc" / "artifacts").rglob("*.png"))
+    assert len(files) == 2 * (4 + 1)
+    assert "grid.png" in result.stdout and "image_set job" in result.stdout

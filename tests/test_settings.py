@@ -47,3 +47,19 @@ def test_to_env_rebuilds_the_same_settings(monkeypatch):
     assert rebuilt.flower_password.get_secret_value() == "pw"
     assert "AIGC_FLOWER_PASSWORD" not in Settings().model_copy(update={"flower_password": None}).to_env()
     assert "pw" not in repr(rebuilt)
+
+
+def test_image_settings_and_default_models(monkeypatch, tmp_path):
+    monkeypatch.delenv("AIGC_ARTIFACT_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = Settings(data_dir=tmp_path / "state")
+    assert settings.artifacts() == str(tmp_path / "state" / "artifacts")
+    assert settings.models_dir == tmp_path / "cache" / "aigc" / "models"
+    assert [settings.default_model(k) for k in ("article", "ad_copy", "image_set")] == \
+        ["text-small", "text-small", "dcgan-faces"]
+    monkeypatch.setenv("AIGC_ARTIFACT_ROOT", "s3://bucket/aigc")
+    monkeypatch.setenv("AIGC_MAX_BATCH_IMAGES", "128")
+    assert (Settings().artifacts(), Settings().max_batch_images) == ("s3://bucket/aigc", 128)
+    monkeypatch.setenv("AIGC_MAX_BATCH_IMAGES", "0")
+    with pytest.raises(ValidationError, match="max_batch_images"):
+        Settings()

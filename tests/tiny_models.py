@@ -30,3 +30,22 @@ def build_tiny_gpt2(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: i
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_dcgan(path: Path, *, nz: int = 8, ngf: int = 4, seed: int = 0) -> Path:
+    """Save a random-initialised DCGAN (64x64 RGB, a few thousand parameters) to ``path``.
+
+    Batch-norm running statistics are randomised too, so images are not flat grey.
+    """
+    import torch
+
+    from workers.dcgan import DCGAN, DCGANConfig
+    from workers.gan import save_gan
+
+    torch.manual_seed(seed)
+    model = DCGAN(DCGANConfig(nz=nz, ngf=ngf))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return save_gan(model, path)

@@ -22,13 +22,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="aigc worker", description=__doc__)
     parser.add_argument("--devices", default="cpu",
                         help="'cpu', 'all' (one process per GPU, supervised), or indices like 0,1")
-    parser.add_argument("--queues", default=",".join(k.value for k in Kind if k.is_text),
+    parser.add_argument("--queues", default=",".join(k.value for k in Kind),
                         help="comma-separated queues (kinds) to consume")
     parser.add_argument("--hostname", default="{device}@%h",
                         help="Celery node name; {device} becomes cpu or gpuN, %%h the host name")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--no-preload", action="store_true",
-                        help="load the default text model on first use, not at start")
+                        help="load the default models on first use, not at start")
     return parser.parse_args(argv)
 
 
@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_preload:
         from .registry import get_generator
 
-        try:
-            get_generator(Kind.article, settings.text_model, settings)
-        except Exception as exc:  # jobs naming other models can still run
-            logging.getLogger("aigc.worker").warning("default text model not loaded: %s", exc)
+        consumed = [Kind(q) for q in args.queues.split(",") if q in Kind.__members__]
+        for kind in consumed:  # article and ad_copy share one warm model
+            try:
+                get_generator(kind, settings.default_model(kind), settings)
+            except Exception as exc:  # jobs naming other models can still run
+                logging.getLogger("aigc.worker").warning("default %s model not loaded: %s", kind, exc)
     from .app import app
 
     logs.keep_for_celery(app)

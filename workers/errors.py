@@ -32,6 +32,16 @@ class UnknownKindError(PermanentError):
     code = "unknown_kind"
 
 
+class UnknownArchitectureError(PermanentError):
+    code = "unknown_architecture"
+
+
+class ArtifactPathError(PermanentError):
+    """An artifact path that would leave the artifact root (never expected: names are slugs)."""
+
+    code = "artifact_path"
+
+
 class TransientError(WorkerError):
     """Retried with backoff; the items stay claimable."""
 

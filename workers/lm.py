@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 from schemas.specs import GenerationParams
 
 from .errors import ModelNotFoundError, TransientError
+from .registry import module_bytes
 
 log = logging.getLogger("aigc.worker")
 
@@ -139,8 +140,7 @@ class CausalLM:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype,
                                                           local_files_only=True)
         self.model.to(self.device).eval()
-        self.memory_bytes = sum(t.numel() * t.element_size()
-                                for t in (*self.model.parameters(), *self.model.buffers()))
+        self.memory_bytes = module_bytes(self.model)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         config = self.model.config

@@ -1,9 +1,14 @@
-"""Generator backends register here by job kind; workers look them up, never branch on kind.
+"""Generator backends register here by job kind, GAN architectures by name; nothing branches.
 
 A backend is a class taking ``(model, settings)`` whose ``run(job, items)`` yields lists of
 result rows, one list per batch, and whose ``memory_bytes`` says what its weights occupy.
 Instances are cached per process (models stay warm) in an LRU bounded by memory
 (``AIGC_MODEL_CACHE_MB``), so a worker can switch models without holding every one it ever used.
+
+A GAN architecture is an ``nn.Module`` class registered under the name that model folders put
+in their ``config.json`` (``"architecture": "dcgan"``); the image backend builds whichever the
+folder names. A new architecture is one module with ``@register_architecture("name")``, listed
+in ``BUILTIN_ARCHITECTURES``.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Any, Protocol
 from schemas.enums import Kind
 from schemas.settings import Settings
 
-from .errors import UnknownKindError
+from .errors import UnknownArchitectureError, UnknownKindError
 
 # Modules whose import registers the built-in backends (imported on first lookup: they need torch).
-BUILTIN_BACKENDS = ("workers.text",)
+BUILTIN_BACKENDS = ("workers.text", "workers.images")
+BUILTIN_ARCHITECTURES = ("workers.dcgan",)
 
 
 class Generator(Protocol):
@@ -31,6 +37,7 @@ class Generator(Protocol):
 
 
 _backends: dict[Kind, type] = {}
+_architectures: dict[str, type] = {}
 _warm: OrderedDict[tuple[type, str], Generator] = OrderedDict()
 _lock = threading.Lock()
 
@@ -44,6 +51,34 @@ def register(*kinds: Kind) -> Callable[[type], type]:
             _backends[kind] = cls
         return cls
     return decorator
+
+
+def register_architecture(name: str) -> Callable[[type], type]:
+    """Class decorator: model folders whose config says ``"architecture": name`` build ``cls``."""
+    def decorator(cls: type) -> type:
+        if name in _architectures:
+            raise ValueError(f"architecture {name!r} is already {_architectures[name].__name__}")
+        _architectures[name] = cls
+        return cls
+    return decorator
+
+
+def architectures() -> dict[str, type]:
+    """Every registered GAN architecture by name, the built-in ones included."""
+    for module in BUILTIN_ARCHITECTURES:
+        importlib.import_module(module)
+    return dict(_architectures)
+
+
+def architecture_for(name: str) -> type:
+    """The GAN class registered as ``name``; :class:`UnknownArchitectureError` listing the known."""
+    architectures()
+    try:
+        return _architectures[name]
+    except (KeyError, TypeError):
+        raise UnknownArchitectureError(
+            f"no GAN architecture {name!r} is registered; known: {', '.join(sorted(_architectures))}"
+        ) from None
 
 
 def backend_for(kind: Kind | str) -> type:
@@ -86,6 +121,11 @@ def cache_budget_bytes(settings: Settings) -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory // 2
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def module_bytes(module: Any) -> int:
+    """Bytes of a torch module's parameters and buffers: what a warm model occupies."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _memory(generator: Generator) -> int:

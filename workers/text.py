@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,15 +12,10 @@ from schemas.templates import parse_output, render_prompt
 
 from .lm import CausalLM, TextOutput, TextRequest
 from .registry import register
+from .seeds import derive_seed
 
 MAX_VARIANTS = 16  # request keys are item_position * MAX_VARIANTS + variant
 VARIANT_TEMPERATURE = 0.8  # several variants of one item are sampled, never all greedy
-
-
-def derive_seed(job_id: str, custom_id: str) -> int:
-    """A stable seed for an item that did not set one: same job and id, same seed."""
-    digest = hashlib.sha256(f"{job_id}/{custom_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @register(Kind.article, Kind.ad_copy)
