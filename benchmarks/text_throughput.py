@@ -10,7 +10,7 @@ architecture and tokenizer; speed does not depend on the weights) and prints one
   prompts of 8 to 256 tokens (in process, the LM alone).
 - ``two_workers_over_one``: two worker processes of one thread each over one.
 
-Usage: ``python benchmarks/text_throughput.py [--size distil] [--items 512] [--new-tokens 32]``
+Usage: ``python benchmarks/text_throughput.py [--size distil] [--items 512] [--new-tokens 32] [--batch 32]``
 (``--size tiny --items 128`` for a quick run). Needs Redis on 127.0.0.1:6379.
 """
 
@@ -145,12 +145,15 @@ def naive_tokens_per_s(model_dir: Path, texts: list[str], new_tokens: int, folde
 
 
 def main() -> None:
+    global BATCH
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=SIZES, default="distil")
     parser.add_argument("--items", type=int, default=512)
     parser.add_argument("--naive-items", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=BATCH, help="rows per forward pass, system and bare")
     args = parser.parse_args()
+    BATCH = args.batch
     redis.Redis.from_url(BROKER).flushdb()
     n_layer, n_embd, n_head = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +168,7 @@ def main() -> None:
         bucketed = lm_tokens_per_s(lm, mixed, args.new_tokens, bucketing=True)
         del lm
         settings = Settings(broker_url=BROKER, database_url=f"sqlite:///{folder}/aigc.db",
-                            text_model=str(model_dir), chunk_size=64, max_batch_rows=BATCH,
+                            text_model=str(model_dir), chunk_size=max(64, 2 * BATCH), max_batch_rows=BATCH,
                             max_batch_tokens=10**9, data_dir=folder)
         procs = start_workers(settings, 1, 0, folder)
         try:
