@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -221,25 +222,31 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(private_redis, po
     assert reruns[0]["n"] > 0  # the kills did interrupt claimed work, which was run again
 
 
-def test_flushall_mid_job_then_sweep_finishes_with_nothing_lost(private_redis, sqlite_url, tiny_model, tmp_path):
-    settings = fault_settings(private_redis.url, sqlite_url, tiny_model)
-    n = 120
+@contextmanager
+def job_in_flight(settings: Settings, tmp_path: Path, n: int):
+    """A worker, and an ``n``-item job of which it has written the first rows: (worker, job id)."""
     worker = start_worker(settings, tmp_path, "worker", AIGC_FAULT_SECONDS_PER_BATCH="0.2")
     try:
         job_id = api.submit("article", items(n), params={"max_new_tokens": 8}, settings=settings)
-        wait_for(lambda: count_results(sqlite_url, job_id) > 0, 120, "first rows")
+        wait_for(lambda: count_results(settings.database_url, job_id) > 0, 120, "first rows")
+        yield worker, job_id
+    finally:
+        worker.stop()
+
+
+def test_flushall_mid_job_then_sweep_finishes_with_nothing_lost(private_redis, sqlite_url, tiny_model, tmp_path):
+    settings = fault_settings(private_redis.url, sqlite_url, tiny_model)
+    n = 120
+    with job_in_flight(settings, tmp_path, n) as (worker, job_id):
         private_redis.client().flushall()
         time.sleep(3)  # the chunk in hand finishes; nothing else is queued any more
-        stalled = count_results(sqlite_url, job_id)
-        assert stalled < n
+        assert count_results(sqlite_url, job_id) < n
         assert api.status(job_id, settings=settings).status == "running"
 
         swept = run_cli(settings, "sweep", "--stale", "2").stderr
 
         assert re.search(rf"job {job_id}: \d+ item\(s\) re-sent", swept), swept
         job = api.wait(job_id, timeout=180, settings=settings)
-    finally:
-        worker.stop()
     assert job.status == "completed"
     assert_exactly_once(settings, job_id, n)
 
@@ -247,10 +254,7 @@ def test_flushall_mid_job_then_sweep_finishes_with_nothing_lost(private_redis, s
 def test_redis_restart_mid_job_workers_reconnect_and_finish(private_redis, sqlite_url, tiny_model, tmp_path):
     settings = fault_settings(private_redis.url, sqlite_url, tiny_model)
     n = 120
-    worker = start_worker(settings, tmp_path, "worker", AIGC_FAULT_SECONDS_PER_BATCH="0.2")
-    try:
-        job_id = api.submit("article", items(n), params={"max_new_tokens": 8}, settings=settings)
-        wait_for(lambda: count_results(sqlite_url, job_id) > 0, 120, "first rows")
+    with job_in_flight(settings, tmp_path, n) as (worker, job_id):
         private_redis.stop()
         time.sleep(3)
         private_redis.start()  # the queue comes back from the append-only file
@@ -258,23 +262,18 @@ def test_redis_restart_mid_job_workers_reconnect_and_finish(private_redis, sqlit
         job = api.wait(job_id, timeout=180, settings=settings)
 
         assert worker.process.poll() is None, worker.log()  # the same process, reconnected
-    finally:
-        worker.stop()
     assert job.status == "completed"
     assert_exactly_once(settings, job_id, n)
     assert "Trying to re-establish the connection" in worker.log() or "Connection to broker lost" in worker.log()
 
 
 def test_postgres_down_for_twenty_seconds_is_ridden_out(private_redis, private_postgres, tiny_model, tmp_path):
+    from schemas.db import get_engine
+
     settings = fault_settings(private_redis.url, private_postgres.url, tiny_model, lease_seconds=120)
     n = 100
-    worker = start_worker(settings, tmp_path, "worker", AIGC_FAULT_SECONDS_PER_BATCH="0.2")
-    try:
-        job_id = api.submit("article", items(n), params={"max_new_tokens": 8}, settings=settings)
-        wait_for(lambda: count_results(private_postgres.url, job_id) > 0, 120, "first rows")
+    with job_in_flight(settings, tmp_path, n) as (worker, job_id):
         private_postgres.stop()
-        from schemas.db import get_engine
-
         get_engine(private_postgres.url).dispose()  # our own pooled connections died with it
         time.sleep(20)
         private_postgres.start()
@@ -282,8 +281,6 @@ def test_postgres_down_for_twenty_seconds_is_ridden_out(private_redis, private_p
         job = api.wait(job_id, timeout=180, settings=settings)
 
         assert worker.process.poll() is None, worker.log()
-    finally:
-        worker.stop()
     assert job.status == "completed"
     assert_exactly_once(settings, job_id, n)
     assert "database unreachable" in worker.log()  # the outage was met, and waited out

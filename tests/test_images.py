@@ -22,7 +22,7 @@ from schemas.settings import Settings
 from conftest import need
 from workers import imaging
 from workers.artifacts import ArtifactStore, safe_segment
-from workers.errors import ArtifactPathError, ModelNotFoundError, UnknownArchitectureError
+from workers.errors import ArtifactPathError, ModelNotFoundError, TransientError, UnknownArchitectureError
 from workers.gan import ModelInvalidError, load_gan, resolve_gan, save_gan
 from workers.images import ImageSetBackend, image_seed
 from workers.registry import architecture_for, register_architecture
@@ -281,3 +281,33 @@ def test_weights_load_strictly(tiny_gan):
     model, config = load_gan(tiny_gan)
     assert not model.training and config["architecture"] == "dcgan"
     assert os.path.getsize(tiny_gan / "model.safetensors") < 200_000
+
+
+def test_out_of_memory_halves_the_image_batch_and_keeps_every_image(tiny_gan, tmp_path, monkeypatch):
+    specs = [{"seed": 3, "n_images": 5}, {"seed": 11, "n_images": 3}]
+    expected = run(backend(tiny_gan, str(tmp_path / "a"), max_batch_images=8), specs)
+    gen = backend(tiny_gan, str(tmp_path / "b"), max_batch_images=8)
+    real, sizes = gen.model.generate, []
+
+    def small_device(seeds, **kwargs):  # as if only 3 images fit in memory
+        sizes.append(len(seeds))
+        if len(seeds) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(seeds, **kwargs)
+
+    monkeypatch.setattr(gen.model, "generate", small_device)
+    got = run(gen, specs)
+
+    assert [[read(u) for u in row["artifact_uris"]] for row in got] == \
+        [[read(u) for u in row["artifact_uris"]] for row in expected]
+    assert sizes[0] == 8 and gen.rows_cap is not None and gen.rows_cap <= 3
+    sizes.clear()
+    run(gen, specs)
+    assert sizes and max(sizes) <= 3  # later batches start at the size that fit
+
+    def no_memory_at_all(seeds, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gen.model, "generate", no_memory_at_all)
+    with pytest.raises(TransientError, match="out of memory generating a single image"):
+        run(gen, [{"seed": 1, "n_images": 1}])

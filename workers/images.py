@@ -24,7 +24,7 @@ from schemas.enums import Kind
 from schemas.settings import Settings
 
 from .artifacts import ArtifactStore
-from .errors import TransientError
+from .errors import TransientError, halve_after_out_of_memory
 from .gan import load_gan, resolve_gan
 from . import imaging
 from .imaging import encode_grid, encode_png
@@ -142,11 +142,7 @@ class ImageSetBackend:
             images = self.model.generate(seeds, **kwargs).float().cpu()
             return images, (time.perf_counter() - started) * 1000
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(seeds) == 1:
-                raise TransientError("out of memory generating a single image", code="out_of_memory") from None
-        half = (len(seeds) + 1) // 2
+            half = halve_after_out_of_memory(self.device, len(seeds), "image")
         self.rows_cap = half
         log.warning("out of memory at %d images; retrying as batches of at most %d", len(seeds), half)
         first, first_ms = self._forward(seeds[:half], labels[:half])

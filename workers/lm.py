@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 
 from schemas.specs import GenerationParams
 
-from .errors import ModelNotFoundError, TransientError
+from .errors import ModelNotFoundError, halve_after_out_of_memory
 from .registry import module_bytes
 
 log = logging.getLogger("aigc.worker")
@@ -183,11 +183,7 @@ class CausalLM:
             yield self._run_batch(requests, ids)
             return
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(requests) == 1:
-                raise TransientError("out of memory generating a single row", code="out_of_memory") from None
-        half = (len(requests) + 1) // 2
+            half = halve_after_out_of_memory(self.device, len(requests), "row")
         self.rows_cap = half
         log.warning("out of memory at %d rows; retrying as batches of at most %d", len(requests), half)
         yield from self._run_adaptive(requests[:half], ids[:half])
