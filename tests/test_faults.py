@@ -90,11 +90,12 @@ class PrivatePostgres:
     def _run(self, *args: str) -> None:
         command = [str(self.bin / args[0]), *args[1:]]
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-            shutil.chown(self.folder, "postgres")
             command = ["runuser", "-u", "postgres", "--", *command]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
 
     def init(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")  # the cluster, its socket and log live here
         self._run("initdb", "-D", str(self.folder / "data"), "-A", "trust", "-U", "postgres")
         self.start()
         server = create_engine(self.url.replace("/aigc", "/postgres"), isolation_level="AUTOCOMMIT")

@@ -100,9 +100,12 @@ def get_generator(kind: Kind | str, model: str, settings: Settings) -> Generator
         generator = key[0](model, settings)
         _warm[key] = generator
         budget = cache_budget_bytes(settings)
+        evicted = False
         while len(_warm) > 1 and sum(_memory(g) for g in _warm.values()) > budget:
             _warm.popitem(last=False)  # the least recently used; never the one just loaded
-        _release_freed_memory()
+            evicted = True
+        if evicted:
+            _release_freed_memory()
         return generator
 
 

@@ -60,7 +60,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     finally:
         done, failed = writer.close()
         duration_ms = (time.monotonic() - started) * 1000
-        _record_run(engine, writer.run_row(job_id, len(item_ids), len(claimed), started_at, duration_ms))
+        _record_run(engine, writer.run_row(len(item_ids), len(claimed), started_at, duration_ms))
     if items and store.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
         store.release(engine=engine, item_ids=[item.id for item in items], owner=owner,
                       to=ItemStatus.cancelled)
@@ -134,7 +134,7 @@ class _Writer:
     """
 
     def __init__(self, engine: Any, job_id: str, worker: str, owner: str):
-        self.args = (engine, job_id)
+        self.engine, self.job_id = engine, job_id
         self.worker, self.owner = worker, owner
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aigc-writer")
         self.pending: Future | None = None
@@ -154,7 +154,7 @@ class _Writer:
             self.artifacts += len(row.get("artifact_uris") or ())
             self.device = self.device or row.get("device")
         self.flush()
-        self.pending = self.pool.submit(_record, *self.args, rows, self.worker, self.owner)
+        self.pending = self.pool.submit(_record, self.engine, self.job_id, rows, self.worker, self.owner)
 
     def close(self) -> tuple[int, int]:
         try:
@@ -163,9 +163,8 @@ class _Writer:
             self.pool.shutdown(wait=True)
         return self.done, self.failed
 
-    def run_row(self, job_id: str, items: int, claimed: int, started_at: Any,
-                duration_ms: float) -> dict[str, Any]:
-        return {"job_id": job_id, "worker": self.worker, "device": self.device, "items": items,
+    def run_row(self, items: int, claimed: int, started_at: Any, duration_ms: float) -> dict[str, Any]:
+        return {"job_id": self.job_id, "worker": self.worker, "device": self.device, "items": items,
                 "claimed": claimed, "done": self.done, "failed": self.failed,
                 "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
                 "artifacts": self.artifacts, "started_at": started_at, "finished_at": utcnow(),
