@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,11 @@ from schemas.settings import Settings
 from tiny_models import build_tiny_gpt2
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-REDIS_URL = os.environ.get("AIGC_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# The Redis server the tests use. Each run claims databases of its own on it (see redis_db), so
+# two runs on one host never share a queue.
+REDIS_SERVER = os.environ.get("AIGC_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+REDIS_CLAIM_SECONDS = 3 * 3600  # a run that dies leaves its claim for this long at most
+RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 POSTGRES_URL = os.environ.get("AIGC_TEST_POSTGRES_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +52,55 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
 
 
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[Callable[[], str]]:
+    """``claim()`` → the URL of a Redis database no other test run on this host is using.
+
+    Claims are keys in database 0 (``SET NX`` with an expiry), so concurrent runs pick distinct
+    databases among 1-15; each is flushed when claimed and released at the end of the run.
+    """
+    admin = redis.Redis.from_url(f"{REDIS_SERVER}/0", socket_connect_timeout=2)
+    claimed: list[int] = []
+
+    def claim() -> str:
+        try:
+            databases = int(admin.config_get("databases").get("databases", 16))
+        except redis.ResponseError:  # CONFIG may be disabled (managed Redis)
+            databases = 16
+        except redis.RedisError as exc:
+            need("Redis", exc)
+        for number in range(1, databases):
+            if admin.set(f"aigc-test:claim:{number}", RUN_ID, nx=True, ex=REDIS_CLAIM_SECONDS):
+                claimed.append(number)
+                redis.Redis.from_url(f"{REDIS_SERVER}/{number}").flushdb()
+                return f"{REDIS_SERVER}/{number}"
+        raise AssertionError(f"every Redis database on {REDIS_SERVER} is claimed by another test run")
+
+    yield claim
+    for number in claimed:
+        redis.Redis.from_url(f"{REDIS_SERVER}/{number}").flushdb()
+        if admin.get(f"aigc-test:claim:{number}") == RUN_ID.encode():
+            admin.delete(f"aigc-test:claim:{number}")
+
+
+@pytest.fixture(scope="session")
+def run_redis_url(redis_db) -> str:
+    """This run's main Redis database."""
+    return redis_db()
+
+
+@pytest.fixture(scope="session")
+def spare_redis_url(redis_db) -> str:
+    """A second database of this run's: a broker the workers do not listen to."""
+    return redis_db()
+
+
 @pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        need("Redis", exc)
+def redis_url(run_redis_url) -> Iterator[str]:
+    """This run's Redis database, empty at the start and end of each module."""
+    client = redis.Redis.from_url(run_redis_url, socket_connect_timeout=2)
     client.flushdb()
-    yield REDIS_URL
+    yield run_redis_url
     client.flushdb()
 
 

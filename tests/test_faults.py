@@ -324,6 +324,7 @@ def test_an_item_that_crashes_its_worker_every_time_ends_as_an_error(redis_url, 
         worker = WorkerProcess(settings, tmp_path / f"worker{crashes}.log",
                                FAULT_ENV | {"AIGC_FAULT_CRASH_TOPIC": "poison"})
         while worker.process.poll() is None and not api.status(job_id, settings=settings).status.startswith("completed"):
+            assert time.monotonic() < deadline, "the job never finished"
             time.sleep(0.2)
         if worker.process.poll() is None:
             worker.stop()

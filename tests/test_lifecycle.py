@@ -36,7 +36,9 @@ def test_cancel_mid_job_keeps_finished_results_and_starts_nothing_more(stack):
 
     assert control.cancel(job_id, settings=settings) in ("cancelling", "cancelled")
     job = api.wait(job_id, timeout=60, settings=settings)
+    drained = time.monotonic() + 60
     while queue_length(settings):  # the worker drains the remaining messages, running none
+        assert time.monotonic() < drained, "the worker did not drain the cancelled job's messages"
         time.sleep(0.1)
     time.sleep(1.0)
 
@@ -53,9 +55,9 @@ def test_cancel_mid_job_keeps_finished_results_and_starts_nothing_more(stack):
         control.resume(job_id, settings=settings)
 
 
-def test_resume_resends_what_the_broker_lost(stack):
+def test_resume_resends_what_the_broker_lost(stack, spare_redis_url):
     settings, _ = stack
-    elsewhere = settings.model_copy(update={"broker_url": settings.broker_url.rsplit("/", 1)[0] + "/14"})
+    elsewhere = settings.model_copy(update={"broker_url": spare_redis_url})
     lost = redis.Redis.from_url(elsewhere.broker_url)
     job_id = api.submit("article", [{"topic": f"t{i}"} for i in range(20)],
                         params={"max_new_tokens": 4}, settings=elsewhere)
@@ -115,8 +117,8 @@ def test_every_export_format_describes_every_result(stack, tmp_path):
     assert refused.returncode == 2 and "needs --output" in refused.stderr
 
 
-def test_higher_priority_jobs_run_first(redis_url, sqlite_url, tiny_model, tmp_path):
-    broker = redis_url.rsplit("/", 1)[0] + "/11"
+def test_higher_priority_jobs_run_first(spare_redis_url, sqlite_url, tiny_model, tmp_path):
+    broker = spare_redis_url
     redis.Redis.from_url(broker).flushdb()
     settings = Settings(broker_url=broker, database_url=sqlite_url, text_model=str(tiny_model),
                         chunk_size=4)
@@ -136,7 +138,7 @@ def test_higher_priority_jobs_run_first(redis_url, sqlite_url, tiny_model, tmp_p
     assert sorted(finished, key=finished.get) == ["urgent", "middle", "low"]
 
 
-def test_sweep_finishes_jobs_whose_messages_or_workers_were_lost(stack):
+def test_sweep_finishes_jobs_whose_messages_or_workers_were_lost(stack, spare_redis_url):
     from datetime import timedelta
 
     from sqlalchemy import update
@@ -145,7 +147,7 @@ def test_sweep_finishes_jobs_whose_messages_or_workers_were_lost(stack):
     from schemas.tables import Item, Job, utcnow
 
     settings, _ = stack
-    elsewhere = settings.model_copy(update={"broker_url": settings.broker_url.rsplit("/", 1)[0] + "/14"})
+    elsewhere = settings.model_copy(update={"broker_url": spare_redis_url})
     lost = api.submit("article", [{"topic": f"t{i}"} for i in range(6)], params={"max_new_tokens": 3},
                       settings=elsewhere)
     dead = api.submit("article", [{"topic": f"d{i}"} for i in range(4)], params={"max_new_tokens": 3},
