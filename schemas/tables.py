@@ -91,6 +91,9 @@ class Result(SQLModel, table=True):
     artifact_uris: list[str] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_type=Text)
+    # Text kinds: "stop" (end of text or a stop string) or "length" (max_new_tokens reached;
+    # with several variants, "length" if any hit it). Null for errors and image sets.
+    finish_reason: str | None = Field(default=None, max_length=16)
     model: str = Field(max_length=512)
     seed: int | None = Field(default=None, sa_type=BigInteger)
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType, nullable=False))
