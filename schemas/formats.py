@@ -30,11 +30,16 @@ import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
-from pydantic import BaseModel, ValidationError
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .enums import Kind
-from .parsing import MAX_LINE_BYTES, Problem, read_jsonl
-from .specs import MAX_PROMPT_CHARS, SPECS, ItemParams
+from .parsing import MAX_LINE_BYTES, Problem, problems_from, read_jsonl
+from .specs import MAX_NEW_TOKENS, SPECS, ChatMessage, CustomId, StopText
 
 FORMATS = ("jsonl", "csv", "openai")
 
@@ -166,6 +171,10 @@ def _columns(spec: type[BaseModel], header: list[str], line: int) -> list[tuple[
         nested = _unwrap(field.annotation)
         if isinstance(nested, type) and issubclass(nested, BaseModel):
             known |= {f"{name}.{sub}": _coercer(f.annotation) for sub, f in nested.model_fields.items()}
+        elif name == "messages":  # chat messages do not fit in a cell: JSONL or OpenAI lines
+            continue
+        elif any(isinstance(m, BeforeValidator) for m in field.metadata):
+            known[name] = str  # the field reads text itself (an article's ``length: short``)
         else:
             known[name] = _coercer(field.annotation)
     columns: list[tuple[str, Callable] | Problem] = []
@@ -249,24 +258,112 @@ def _show(text: str, limit: int = 60) -> str:
 
 # --- OpenAI Batch API JSONL ------------------------------------------------------------------
 
-CHAT_STOP = "\nUser:"  # chat prompts end "Assistant:"; stop before the next user turn
-_ENDPOINTS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}
-_PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-           "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "n": "n"}
-# About OpenAI's own service or bookkeeping; none of these changes the generated text.
-_IGNORED = {"model", "user", "metadata", "store", "service_tier"}
-# Values that mean "off", so a file written with every default spelled out is still accepted.
-_NEUTRAL = {"stream": False, "logprobs": False, "echo": False, "best_of": 1, "logit_bias": {},
-            "presence_penalty": 0, "frequency_penalty": 0}
-_ROLES = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
-
-Bad = Callable[[str, str], None]
+OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
+OPENAI_KIND = Kind.article  # what an OpenAI Batch file runs as when no kind is named
 
 
-def read_openai_batch(stream: Stream, kind: Kind | str) -> Records:
-    """Yield ``(line, record_or_Problem)`` per line of an OpenAI Batch API input file, each
-    record a free-form ``prompt`` with ``params``, for a text ``kind`` (article, ad_copy)."""
+class _OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchLine(_OpenAIModel):
+    """One line of an OpenAI Batch input file."""
+
+    custom_id: CustomId
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions", "/v1/completions"]
+    body: dict[str, Any]
+
+
+def _neutral(default: Any) -> Any:
+    """A body field that changes the output unless left at OpenAI's neutral ``default``: a
+    file written with every default spelled out is accepted; anything else cannot be honoured."""
+    def check(value: Any) -> Any:
+        if value is not None and value != default:
+            raise PydanticCustomError("unsupported", "not supported")
+        return value
+    return Annotated[Any, AfterValidator(check)]
+
+
+def _one_prompt(prompt: Any) -> Any:
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise PydanticCustomError("one_prompt", "a list of {n} prompts is not supported; "
+                                      "put one prompt per line", {"n": len(prompt)})
+        return prompt[0]
+    if not isinstance(prompt, str):
+        raise PydanticCustomError("prompt_type", "must be a string (or a list of one string)")
+    return prompt
+
+
+class _Body(_OpenAIModel):
+    # About OpenAI's own service or bookkeeping; none of these changes the text. ``model`` is
+    # ignored: the job's model runs every line.
+    model: Any = None
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Annotated[list[StopText] | None, BeforeValidator(
+        lambda v: [v] if isinstance(v, str) else v)] = Field(None, max_length=8)
+    n: int | None = Field(None, ge=1, le=10)
+    stream: _neutral(False) = None
+    stream_options: _neutral(None) = None
+    logprobs: _neutral(False) = None
+    top_logprobs: _neutral(0) = None
+    echo: _neutral(False) = None
+    best_of: _neutral(1) = None
+    logit_bias: _neutral({}) = None
+    presence_penalty: _neutral(0) = None
+    frequency_penalty: _neutral(0) = None
+    suffix: _neutral(None) = None
+    parallel_tool_calls: _neutral(None) = None
+    modalities: _neutral(["text"]) = None
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> "_Body":
+        if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError("conflict", "conflicts with body.max_tokens"),
+                loc=("max_completion_tokens",), input=self.max_completion_tokens)])
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """The sampling fields as an item's ``params``."""
+        params = {"max_new_tokens": self.max_tokens or self.max_completion_tokens,
+                  "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                  "stop": self.stop, "n": self.n}
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionBody(_Body):
+    prompt: Annotated[str, BeforeValidator(_one_prompt)]
+
+
+_BODIES = {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody}
+_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
+_TOP_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
+                 "missing": "required in the OpenAI batch format"}
+# Where an item field came from in the body, for problems the item's spec finds.
+_SPEC_FIELDS = {"prompt": "body.prompt", "messages": "body.messages", "params": "body"}
+_PARAM_FIELDS = {"max_new_tokens": "max_tokens"}
+
+
+def read_openai_batch(stream: Stream, kind: Kind | str = OPENAI_KIND) -> Records:
+    """Yield ``(line, record_or_Problem)`` per line of an OpenAI Batch API input file: chat
+    lines as ``messages``, completion lines as a free-form ``prompt``, sampling as ``params``,
+    for a text ``kind`` (article, ad_copy)."""
     kind = Kind(kind)
+    spec = SPECS[kind]
     for line, obj in read_jsonl(stream):
         if isinstance(obj, Problem):
             yield line, obj
@@ -275,100 +372,40 @@ def read_openai_batch(stream: Stream, kind: Kind | str) -> Records:
         elif not isinstance(obj, dict):
             yield line, Problem(line, "-", f"expected a JSON object, got {type(obj).__name__}")
         else:
-            problems: list[Problem] = []
-            record = _batch_record(obj, lambda field, msg: problems.append(Problem(line, field, msg)))
-            yield from ((line, p) for p in problems) if problems else [(line, record)]
+            problems = list(_batch_problems(line, obj, spec))
+            yield from ((line, p) for p in problems) if problems else [(line, _record(obj))]
 
 
-def _batch_record(obj: dict[str, Any], bad: Bad) -> dict[str, Any]:
-    for key in sorted(obj.keys() - {"custom_id", "method", "url", "body"}):
-        bad(key, "not part of the OpenAI batch format")
-    if obj.get("custom_id") is None:
-        bad("custom_id", "required in the OpenAI batch format")
-    if obj.get("method") != "POST":
-        bad("method", f"must be 'POST', got {obj['method']!r}" if "method" in obj else "required; must be 'POST'")
-    url, body = obj.get("url"), obj.get("body")
-    if not isinstance(url, str) or url not in _ENDPOINTS:  # a list or dict is unhashable
-        bad("url", f"must be one of {', '.join(_ENDPOINTS)}" + (f"; got {url!r}" if "url" in obj else ""))
-        return {}  # without the endpoint the body cannot be read
-    if not isinstance(body, dict):
-        bad("body", "must be a JSON object")
-        return {}
-    for name, value in body.items():
-        if name not in (_ENDPOINTS[url], *_PARAMS, *_IGNORED) and value is not None \
-                and not (name in _NEUTRAL and value == _NEUTRAL[name]):
-            bad(f"body.{name}", "not supported")
-    if url == "/v1/completions":
-        prompt, source = _completion_prompt(body.get("prompt"), bad), "body.prompt"
-    else:
-        prompt, source = _chat_prompt(body.get("messages"), bad), "body.messages"
-    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-        bad(source, f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    params = _batch_params(body, bad)
-    if url == "/v1/chat/completions" and "stop" not in params:
-        params["stop"] = [CHAT_STOP]  # the model would otherwise go on to write the user's turn
-    return {"custom_id": obj.get("custom_id"), "prompt": prompt} | ({"params": params} if params else {})
-
-
-def _completion_prompt(prompt: Any, bad: Bad) -> str | None:
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt.strip():
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        bad("body.prompt", f"a list of {len(prompt)} prompts is not supported; put one prompt per line")
-    elif isinstance(prompt, str):
-        bad("body.prompt", "must not be empty")
-    else:
-        bad("body.prompt", "required" if prompt is None else "must be a string (or a list of one string)")
-    return None
-
-
-def _chat_prompt(messages: Any, bad: Bad) -> str | None:
-    """System content first, then ``User: ...`` / ``Assistant: ...`` lines, ending ``Assistant:``."""
-    if not isinstance(messages, list) or not messages:
-        bad("body.messages", "must be a non-empty list of {role, content} messages")
-        return None
-    system, turns, ok = [], [], True
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            bad(f"body.messages.{i}", "must be an object with role and content")
-            ok = False
-            continue
-        role, content = message.get("role"), message.get("content")
-        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
-                                             and isinstance(part.get("text"), str) for part in content):
-            content = "\n".join(part["text"] for part in content)
-        if not isinstance(content, str):
-            bad(f"body.messages.{i}.content", 'must be a string or a list of {"type": "text", "text": ...}')
-        known_role = isinstance(role, str) and role in _ROLES  # a list or dict is unhashable
-        if not known_role:
-            bad(f"body.messages.{i}.role", f"must be system, user or assistant; got {role!r}")
-        ok = ok and isinstance(content, str) and known_role
-        if ok and _ROLES[role]:
-            turns.append(f"{_ROLES[role]}: {content}")
-        elif ok:
-            system.append(content)
-    return "\n\n".join([*system, "\n".join([*turns, "Assistant:"])]) if ok else None
-
-
-def _batch_params(body: dict[str, Any], bad: Bad) -> dict[str, Any]:
-    """The body's sampling fields as ``params``, checked here so errors name ``body.<field>``."""
-    params: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    for name, target in _PARAMS.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if target in params and params[target] != value:
-            bad(f"body.{name}", f"conflicts with body.{source[target]}")
-            continue
-        params[target] = [value] if name == "stop" and isinstance(value, str) else value
-        source[target] = name
+def _batch_problems(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> Iterator[Problem]:
     try:
-        ItemParams.model_validate(params)
+        request = BatchLine.model_validate(obj)
     except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            target, *rest = err["loc"] or ("-",)
-            bad(".".join([f"body.{source.get(str(target), target)}", *map(str, rest)]), err["msg"])
-    return params
+        yield from problems_from(line, exc, messages=_TOP_MESSAGES)
+        return
+    try:
+        _BODIES[request.url].model_validate(request.body)
+    except ValidationError as exc:
+        yield from problems_from(line, exc, prefix="body", messages=_MESSAGES)
+        return
+    try:  # what the item's spec adds (sizes, the last message's role): named by body field
+        spec.model_validate(_record(obj) | {"custom_id": request.custom_id})
+    except ValidationError as exc:
+        for problem in problems_from(line, exc):
+            head, _, rest = problem.field.partition(".")
+            if head == "params":
+                name, _, rest = rest.partition(".")
+                head, rest = "body", ".".join(filter(None, [_PARAM_FIELDS.get(name, name), rest]))
+            field = ".".join(filter(None, [_SPEC_FIELDS.get(head, head), rest]))
+            yield Problem(line, field, problem.message)
+
+
+def _record(obj: dict[str, Any]) -> dict[str, Any]:
+    """An item record from a line already validated by :func:`_batch_problems`."""
+    body = _BODIES[obj["url"]].model_validate(obj["body"])
+    record: dict[str, Any] = {"custom_id": obj["custom_id"]}
+    if isinstance(body, ChatBody):
+        record["messages"] = [m.model_dump(exclude_none=True) for m in body.messages]
+    else:
+        record["prompt"] = body.prompt
+    params = body.params()
+    return record | ({"params": params} if params else {})

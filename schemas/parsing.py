@@ -90,7 +90,7 @@ def validate_records(kind: Kind | str, records: Iterable[tuple[int, Any]]) -> It
         try:
             spec = spec_type.model_validate(record)
         except ValidationError as exc:
-            yield from _problems(line, exc)
+            yield from problems_from(line, exc)
             continue
         custom_id = getattr(spec, "custom_id", None) or f"item-{line}"
         if custom_id in seen:
@@ -116,8 +116,17 @@ def _dump(spec: BaseModel) -> dict[str, Any]:
     return data
 
 
-def _problems(line: int, exc: ValidationError) -> Iterator[Problem]:
+def problems_from(line: int, exc: ValidationError, *, prefix: str = "",
+                  messages: dict[str, str] | None = None) -> Iterator[Problem]:
+    """The one converter from a pydantic ``ValidationError`` to :class:`Problem`\\ s of ``line``.
+
+    ``prefix`` goes before every field (``body`` → ``body.max_tokens``); ``messages`` replaces
+    pydantic's message for the error types it names (``{"missing": "required"}``). A literal
+    that does not match says what it got.
+    """
     for err in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in err["loc"]) or "-"
-        message = err["msg"].removeprefix("Value error, ")
+        field = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "") or "-"
+        message = (messages or {}).get(err["type"]) or err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            message = f"{message}; got {err['input']!r}"
         yield Problem(line, field, message)

