@@ -23,12 +23,13 @@ from sqlmodel import Session
 from schemas.db import ensure_schema
 from schemas.dispatch import MAX_PRIORITY
 from schemas.enums import ItemStatus, JobStatus, Kind
-from schemas.formats import FORMATS, detect_format, reader_for
+from schemas.formats import FORMATS, OPENAI_KIND, detect_format, reader_for
 from schemas.parsing import (
-    MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, validate_items, validate_records,
+    MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, problems_from, validate_items,
+    validate_records,
 )
 from schemas.settings import Settings, get_settings
-from schemas.specs import GenerationParams
+from schemas.specs import JobParams
 from schemas.tables import Item, Job, Result, utcnow
 
 from .dispatch import enqueue
@@ -60,21 +61,40 @@ def submit(
                    on_invalid=on_invalid, settings=settings or get_settings())
 
 
-def submit_file(path: str | Path, kind: Kind | str, *, format: str = "auto", **options: Any) -> str:
+def submit_file(
+    path: str | Path,
+    kind: Kind | str | None = None,
+    *,
+    format: str = "auto",
+    model: str | None = None,
+    params: dict[str, Any] | None = None,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    on_invalid: Callable[[Problem], None] | None = None,
+    settings: Settings | None = None,
+) -> str:
     """Like :func:`submit`, for a file; problems name its lines.
 
     ``format``: ``jsonl`` (one item per line), ``csv`` (header = fields), ``openai`` (OpenAI
-    Batch API input lines), or ``auto`` (by extension, then by the first line).
+    Batch API input lines), or ``auto`` (by extension, then by the first line). ``kind`` may be
+    left out for an OpenAI Batch file (it runs as ``article``: its prompts and messages bypass
+    the article template); the other formats need it.
     """
-    kind = _kind(kind)
-    settings = options.pop("settings", None) or get_settings()
     if format == "auto":
         format = detect_format(path)
     if format not in FORMATS:
         raise InputError([Problem(0, "format", f"unknown format {format!r}; one of {', '.join(FORMATS)}")])
+    if kind is None and format != "openai":
+        raise InputError([Problem(0, "kind", f"a {format} file needs a kind (one of "
+                                  f"{', '.join(k.value for k in Kind)}); only OpenAI Batch files "
+                                  "can do without")])
+    kind = _kind(kind or OPENAI_KIND)
     reader = reader_for(format, kind)
     with open(path, "rb") as stream:
-        return _submit(kind, validate_records(kind, reader(stream)), settings=settings, **options)
+        return _submit(kind, validate_records(kind, reader(stream)), settings=settings or get_settings(),
+                       model=model, params=params, priority=priority, idempotency_key=idempotency_key,
+                       metadata=metadata, on_invalid=on_invalid)
 
 
 def _kind(kind: Kind | str) -> Kind:
@@ -90,17 +110,17 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
             idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
             on_invalid: Callable[[Problem], None] | None = None) -> str:
     try:
-        job_params = GenerationParams.model_validate(params or {})
+        job_params = JobParams.model_validate(params or {})
     except ValidationError as exc:
-        raise InputError([Problem(0, "params." + ".".join(map(str, e["loc"])), e["msg"])
-                          for e in exc.errors(include_url=False)]) from None
+        raise InputError(list(problems_from(0, exc, prefix="params"))) from None
     if not 0 <= priority <= MAX_PRIORITY:
         raise InputError([Problem(0, "priority", f"must be 0 to {MAX_PRIORITY} (higher runs sooner)")])
     engine = ensure_schema(settings.database_url)
     if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
         return existing
     job = Job(id=str(uuid.uuid4()), idempotency_key=idempotency_key, kind=kind,
-              model=model or settings.default_model(kind), params=job_params.model_dump(mode="json"),
+              model=model or settings.default_model(kind),
+              params=job_params.model_dump(mode="json", exclude_none=True),
               status=JobStatus.queued, priority=priority, meta=metadata or {})
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
@@ -232,15 +252,21 @@ def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
 
 
 RESULT_COLUMNS = ("custom_id", "kind", "output_text", "output", "artifact_uris", "error_code",
-                  "error_message", "model", "seed", "params", "prompt_tokens", "output_tokens",
+                  "error_message", "finish_reason", "model", "seed", "params", "prompt_tokens", "output_tokens",
                   "latency_ms", "worker", "device", "created_at")
 
 
-def results(job_id: str, *, errors_only: bool = False,
+def results(job_id: str, *, errors_only: bool = False, with_input: bool = False,
             settings: Settings | None = None) -> Iterator[dict[str, Any]]:
-    """The job's result rows as dicts, in submission order, streamed."""
+    """The job's result rows as dicts, in submission order, streamed.
+
+    ``with_input``: each row also carries ``job_id`` and its item's ``input`` (what OpenAI-format
+    exports need to tell chat lines from completions).
+    """
     engine = ensure_schema((settings or get_settings()).database_url)
     columns = [getattr(Result, name) for name in RESULT_COLUMNS]
+    if with_input:
+        columns += [Result.job_id, Item.input]
     query = (select(*columns).join(Item, Item.id == Result.item_id)
              .where(Result.job_id == job_id).order_by(Item.index)
              .execution_options(yield_per=2_000))

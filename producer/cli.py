@@ -14,12 +14,13 @@ import typer
 from rich.console import Console
 
 from schemas.db import SchemaError, upgrade
+from schemas.enums import Kind
 from schemas.parsing import InputError
 from schemas.settings import get_settings, redact_url
 
 from . import api, control
 from .dispatch import DispatchError
-from .export import BINARY_FORMATS, WRITERS
+from .export import BINARY_FORMATS, EXPORT_FORMATS, WRITERS
 from .progress import JobProgress, job_details, jobs_table
 from .progress import watch as watch_jobs
 
@@ -41,7 +42,8 @@ def _fail(message: str, code: int) -> typer.Exit:
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(help="items: JSONL, CSV or OpenAI Batch JSONL", exists=True, dir_okay=False)],
-    kind: Annotated[str, typer.Option(help="article | ad_copy | image_set")],
+    kind: Annotated[Optional[str], typer.Option(
+        help="article | ad_copy | image_set (an OpenAI Batch file needs none)")] = None,
     format: Annotated[str, typer.Option("--format", help="auto | jsonl | csv | openai")] = "auto",
     model: Annotated[Optional[str], typer.Option(help="model directory or cached hub id")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate per item")] = None,
@@ -153,23 +155,33 @@ def results(
     job_id: str,
     format: Annotated[str, typer.Option("--format", "-f", help="jsonl | csv | parquet | openai | files")] = "jsonl",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="file (default stdout)")] = None,
-    errors_only: Annotated[bool, typer.Option("--errors", help="only failed items")] = False,
+    errors_only: Annotated[bool, typer.Option("--errors", help="only failed items (with --format "
+                                              "openai: OpenAI's error file)")] = False,
     files: Annotated[bool, typer.Option("--files", help="only the URIs of the files written "
                                         "(image kinds), one a line; same as --format files")] = False,
 ) -> None:
-    """Write a job's results in submission order."""
+    """Write a job's results in submission order.
+
+    --format openai writes OpenAI's Batch output file (the successful lines, as chat.completion
+    or text_completion objects); with --errors, its error file (the failed lines).
+    """
     if files:
         format = "files"
-    if format not in WRITERS:
-        raise _fail(f"--format must be one of {', '.join(WRITERS)}", 2)
+    if format not in EXPORT_FORMATS:
+        raise _fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}", 2)
     binary = format in BINARY_FORMATS
     if binary and not output:
         raise _fail(f"--format {format} needs --output FILE", 2)
     try:
-        api.status(job_id)
+        job = api.status(job_id)
     except LookupError as exc:
         raise _fail(str(exc), 1)
-    rows = api.results(job_id, errors_only=errors_only)
+    openai = format == "openai"
+    if openai and not Kind(job.kind).is_text:
+        raise _fail(f"--format openai is for text jobs; job {job_id} is {job.kind} (try --files)", 2)
+    rows = api.results(job_id, errors_only=errors_only, with_input=openai)
+    if openai and errors_only:
+        format = "openai_errors"
     if output:
         opened = open(output, "wb") if binary else open(output, "w", newline="", encoding="utf-8")
     with (opened if output else nullcontext(sys.stdout)) as out:

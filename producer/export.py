@@ -1,4 +1,4 @@
-"""Writing result rows out: JSONL, CSV, Parquet, and OpenAI Batch output lines.
+"""Writing result rows out: JSONL, CSV, Parquet, and OpenAI Batch output and error files.
 
 Each writer streams: rows are consumed once and memory stays flat for any job size.
 """
@@ -6,6 +6,7 @@ Each writer streams: rows are consumed once and memory stays flat for any job si
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -49,7 +50,7 @@ def write_parquet(rows: Iterable[dict[str, Any]], out: BinaryIO, batch_rows: int
     schema = pa.schema([
         ("custom_id", pa.string()), ("kind", pa.string()), ("output_text", pa.string()),
         ("output", pa.string()), ("artifact_uris", pa.string()), ("error_code", pa.string()),
-        ("error_message", pa.string()), ("model", pa.string()), ("seed", pa.int64()),
+        ("error_message", pa.string()), ("finish_reason", pa.string()), ("model", pa.string()), ("seed", pa.int64()),
         ("params", pa.string()), ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()),
         ("latency_ms", pa.float64()), ("worker", pa.string()), ("device", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
@@ -72,35 +73,56 @@ def _parquet_value(name: str, value: Any) -> Any:
     return value
 
 
-def openai_lines(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """OpenAI Batch output objects: ``{id, custom_id, response, error}`` keyed by custom_id."""
-    for number, row in enumerate(rows, start=1):
-        if row["error_code"]:
-            yield {"id": f"batch_req_{number}", "custom_id": row["custom_id"], "response": None,
-                   "error": {"code": row["error_code"], "message": row["error_message"]}}
-            continue
-        texts = _choice_texts(row)
-        usage = {"prompt_tokens": row["prompt_tokens"] or 0,
-                 "completion_tokens": row["output_tokens"] or 0}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        body = {"object": "text_completion", "model": row["model"], "usage": usage,
-                "created": int(row["created_at"].timestamp()) if row.get("created_at") else None,
-                "choices": [{"index": i, "text": text, "finish_reason": "stop"}
-                            for i, text in enumerate(texts)]}
-        yield {"id": f"batch_req_{number}", "custom_id": row["custom_id"], "error": None,
-               "response": {"status_code": 200, "request_id": f"{row['custom_id']}", "body": body}}
+def openai_line(row: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAI Batch output line for a result ``row`` read with ``with_input=True``.
+
+    A success is ``{id, custom_id, response: {status_code: 200, request_id, body}, error: null}``
+    whose body is a ``chat.completion`` (chat messages and the templated kinds, which are
+    prompted as chat) or a ``text_completion`` (free-form ``prompt`` items), with one choice per
+    output; a failure is ``{id, custom_id, response: null, error: {code, message}}``. Ids are
+    derived from the job id and custom_id, so exporting twice gives the same lines.
+    """
+    digest = hashlib.sha256(f"{row.get('job_id', '')}\0{row['custom_id']}".encode()).hexdigest()
+    line = {"id": f"batch_req_{digest[:32]}", "custom_id": row["custom_id"]}
+    if row["error_code"]:
+        return line | {"response": None,
+                       "error": {"code": row["error_code"], "message": row["error_message"] or ""}}
+    chat = "prompt" not in (row.get("input") or {})
+    created = row.get("created_at")
+    usage = {"prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["output_tokens"] or 0}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    choices = []
+    for index, (text, reason) in enumerate(_choices(row)):
+        if chat:
+            choices.append({"index": index, "finish_reason": reason, "logprobs": None,
+                            "message": {"role": "assistant", "content": text, "refusal": None}})
+        else:
+            choices.append({"index": index, "finish_reason": reason, "logprobs": None, "text": text})
+    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{digest[32:56]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(created.timestamp()) if isinstance(created, datetime) else 0,
+            "model": row["model"], "choices": choices, "usage": usage, "system_fingerprint": None}
+    return line | {"response": {"status_code": 200, "request_id": f"req_{digest[:32]}", "body": body},
+                   "error": None}
 
 
-def _choice_texts(row: dict[str, Any]) -> list[str]:
+def _choices(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """(text, finish_reason) per output of a row."""
     output = row.get("output") or {}
+    reason = row.get("finish_reason") or "stop"
     if "variants" in output:
-        return [v.get("text") or "\n".join(filter(None, (v.get("headline"), v.get("body"), v.get("cta"))))
-                for v in output["variants"]]
-    return [row["output_text"] or ""]
+        return [(v.get("text") or "", v.get("finish_reason") or reason) for v in output["variants"]]
+    return [(row["output_text"] or "", reason)]
 
 
 def write_openai(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
-    return write_jsonl(openai_lines(rows), out)
+    """OpenAI's Batch output file: one line per successful row (failures go to the error file)."""
+    return write_jsonl((openai_line(row) for row in rows if not row["error_code"]), out)
+
+
+def write_openai_errors(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
+    """OpenAI's Batch error file: one line per failed row."""
+    return write_jsonl((openai_line(row) for row in rows if row["error_code"]), out)
 
 
 def write_files(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
@@ -114,5 +136,7 @@ def write_files(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
 
 
 WRITERS = {"jsonl": write_jsonl, "csv": write_csv, "parquet": write_parquet, "openai": write_openai,
+           "openai_errors": write_openai_errors,
            "files": write_files}
 BINARY_FORMATS = ("parquet",)
+EXPORT_FORMATS = ("jsonl", "csv", "parquet", "openai", "files")  # what --format takes

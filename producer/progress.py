@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -128,14 +129,26 @@ def job_details(job: Job) -> Table:
 
 
 def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70) -> Table:
+    """Result rows for the terminal: an article's title in bold over the start of its body, an
+    ad's labelled lines, free text as one paragraph, files for image kinds, errors in red."""
     table = Table("custom_id", "output", "tokens", "worker", title=title, show_lines=True)
     for row in rows:
-        text = " ".join((row["output_text"] or "").split())  # one paragraph for the terminal
-        text = text if len(text) <= width * 3 else text[: width * 3] + "…"
         tokens = f"{row['prompt_tokens'] or 0}+{row['output_tokens'] or 0}"
-        if row.get("artifact_uris"):  # image kinds: the files written
-            text, tokens = "\n".join(row["artifact_uris"]), "-"
         if row["error_code"]:
-            text = f"[red]{row['error_code']}: {row['error_message']}"
+            text = f"[red]{escape(row['error_code'])}: {escape(row['error_message'] or '')}"
+        elif row.get("artifact_uris"):  # image kinds: the files written
+            text, tokens = escape("\n".join(row["artifact_uris"])), "-"
+        else:
+            text = _preview(row.get("output") or {}, row["output_text"] or "", width * 4)
         table.add_row(row["custom_id"], text, tokens, f"{row['worker']} ({row['device']})")
     return table
+
+
+def _preview(output: dict[str, Any], text: str, limit: int) -> str:
+    def clip(value: str) -> str:
+        value = " ".join(value.split())  # one paragraph for the terminal
+        return escape(value if len(value) <= limit else value[:limit] + "…")
+
+    if "title" in output:
+        return f"[bold]{escape(output['title'])}[/bold]\n{clip(output.get('body') or '')}"
+    return escape(text.strip()) if len(text) <= limit else clip(text)

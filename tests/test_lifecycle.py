@@ -100,21 +100,64 @@ def test_every_export_format_describes_every_result(stack, tmp_path):
     table = pq.read_table(tmp_path / "r.parquet").to_pylist()
     assert [r["custom_id"] for r in table] == ["p", "q", "long"]
     assert [r["output_text"] for r in table] == [r["output_text"] for r in rows]
+    assert [r["finish_reason"] for r in table] == ["length", "length", None]
     assert json.loads(table[1]["params"])["temperature"] > 0 and table[2]["error_code"] == "prompt_too_long"
-
-    openai = run_cli(settings, "results", job_id, "--format", "openai").stdout.splitlines()
-    lines = [json.loads(line) for line in openai]
-    assert [line["custom_id"] for line in lines] == ["p", "q", "long"]
-    first = lines[0]["response"]["body"]
-    assert first["choices"][0]["text"] == rows[0]["output_text"] and lines[0]["error"] is None
-    assert first["usage"]["total_tokens"] == rows[0]["prompt_tokens"] + rows[0]["output_tokens"]
-    assert len(lines[1]["response"]["body"]["choices"]) == 2
-    assert lines[2]["response"] is None and lines[2]["error"]["code"] == "prompt_too_long"
+    assert json.loads(table[1]["params"])["n"] == 2
 
     only_errors = run_cli(settings, "results", job_id, "--errors").stdout.splitlines()
     assert [json.loads(line)["custom_id"] for line in only_errors] == ["long"]
     refused = run_cli(settings, "results", job_id, "--format", "parquet", check=False)
     assert refused.returncode == 2 and "needs --output" in refused.stderr
+
+
+def test_openai_exports_validate_with_the_official_sdk(stack, tmp_path):
+    """Chat lines come back as chat.completion, completion lines as text_completion, failures
+    in OpenAI's error file: each checked by the openai package's own types."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    settings, _ = stack
+    source = tmp_path / "batch.jsonl"
+    lines = [
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}},
+        {"custom_id": "two", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2, "seed": 5}},
+        {"custom_id": "text", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "gpt-3.5-turbo-instruct", "prompt": "Once upon", "max_tokens": 5}},
+        {"custom_id": "huge", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "Once upon", "max_tokens": 4000}},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+    job_id = run_cli(settings, "submit", str(source), "--wait", "--timeout", "120", check=False).stdout.strip()
+    output = [json.loads(line) for line in run_cli(settings, "results", job_id, "--format", "openai").stdout.splitlines()]
+    errors = [json.loads(line) for line in
+              run_cli(settings, "results", job_id, "--format", "openai", "--errors").stdout.splitlines()]
+
+    assert api.status(job_id, settings=settings).kind == "article"  # no --kind for an OpenAI file
+    assert [line["custom_id"] for line in output] == ["chat", "two", "text"]
+    for line in output:
+        assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None
+        assert line["id"].startswith("batch_req_") and line["response"]["status_code"] == 200
+    chat = ChatCompletion.model_validate(output[0]["response"]["body"])
+    two = ChatCompletion.model_validate(output[1]["response"]["body"])
+    text = Completion.model_validate(output[2]["response"]["body"])
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length"
+    assert chat.usage.completion_tokens == 6 and chat.usage.total_tokens == chat.usage.prompt_tokens + 6
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 8
+    assert text.object == "text_completion" and text.choices[0].text and text.choices[0].finish_reason == "length"
+    assert text.model == chat.model == api.status(job_id, settings=settings).model
+    rows = {r["custom_id"]: r for r in api.results(job_id, settings=settings)}
+    assert chat.choices[0].message.content == rows["chat"]["output_text"]
+    assert len({chat.id, two.id, text.id}) == 3
+
+    assert [line["custom_id"] for line in errors] == ["huge"]
+    assert errors[0]["response"] is None and errors[0]["error"]["code"] == "max_new_tokens_too_large"
+    assert "max_new_tokens=4000" in errors[0]["error"]["message"]
+    again = run_cli(settings, "results", job_id, "--format", "openai").stdout.splitlines()
+    assert [json.loads(line) for line in again] == output  # ids are stable across exports
 
 
 def test_higher_priority_jobs_run_first(spare_redis_url, sqlite_url, tiny_model, tmp_path):
