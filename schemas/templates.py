@@ -114,11 +114,9 @@ def output_text(kind: Kind | str, parsed: dict[str, Any]) -> str:
 
 
 def is_empty(kind: Kind | str, parsed: dict[str, Any]) -> bool:
-    """Whether a parsed templated output is unusable: an article without a body, an ad with
-    every field empty."""
-    if Kind(kind) is Kind.article:
-        return not parsed.get("body")
-    return not any(parsed.get(name) for name in ("headline", "body", "cta"))
+    """Whether a parsed templated output is unusable: nothing in any of its fields (an article
+    with a title but no body is kept: a short budget can end there; ``finish_reason`` says so)."""
+    return not any(parsed.get(name) for name in ("title", "headline", "body", "cta"))
 
 
 _DECORATION = re.compile(r"^(?:[#>*\-\s]+|title\s*:\s*)+", re.I)

@@ -92,7 +92,8 @@ def test_ad_fields_are_read_from_labelled_lines_within_max_chars(text, expected)
 
 
 def test_empty_outputs_are_recognised_per_kind():
-    assert is_empty("article", {"title": "Bees", "body": ""})
+    assert is_empty("article", {"title": "", "body": ""})
+    assert not is_empty("article", {"title": "Bees", "body": ""})
     assert not is_empty("article", {"title": "", "body": "They buzz."})
     assert is_empty("ad_copy", {"headline": "", "body": "", "cta": ""})
     assert not is_empty("ad_copy", {"headline": "", "body": "", "cta": "Buy"})

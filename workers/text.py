@@ -110,8 +110,7 @@ class TextBackend:
         if empty:
             which = "its output" if len(parsed) == 1 else f"variant(s) {', '.join(map(str, empty))} of {len(parsed)}"
             return row | {"error_code": "empty_output", "error_message": f"the model wrote nothing "
-                          f"usable for {which} (an article needs a body; an ad a headline, body or "
-                          "call to action)", "finish_reason": None}
+                          f"usable for {which}", "finish_reason": None}
         finish = "length" if any(o.finish_reason == "length" for o in outputs) else "stop"
         texts = [output_text(job.kind, p) for p in parsed]
         if len(outputs) == 1:
