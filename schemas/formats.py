@@ -65,6 +65,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 def reader_for(fmt: str, kind: Kind | str) -> Callable[[Stream], Records]:
     """The reader for format ``fmt`` (one of :data:`FORMATS`) and ``kind``: ``reader(stream)``."""
     kind = Kind(kind)
+    if fmt == "openai" and kind is Kind.image_set:  # /v1/images/generations lines
+        from .openai_images import read_openai_images
+
+        return functools.partial(read_openai_images, endpoint=None)
     readers = {"jsonl": read_jsonl, "csv": functools.partial(read_csv, kind=kind),
                "openai": functools.partial(read_openai_batch, kind=kind)}
     if fmt not in readers:
@@ -358,10 +362,12 @@ _SPEC_FIELDS = {"prompt": "body.prompt", "messages": "body.messages", "params": 
 _PARAM_FIELDS = {"max_new_tokens": "max_tokens"}
 
 
-def read_openai_batch(stream: Stream, kind: Kind | str = OPENAI_KIND) -> Records:
+def read_openai_batch(stream: Stream, kind: Kind | str = OPENAI_KIND, *,
+                      endpoint: str | None = None) -> Records:
     """Yield ``(line, record_or_Problem)`` per line of an OpenAI Batch API input file: chat
     lines as ``messages``, completion lines as a free-form ``prompt``, sampling as ``params``,
-    for a text ``kind`` (article, ad_copy)."""
+    for a text ``kind`` (article, ad_copy). With ``endpoint`` (a batch's), every line's ``url``
+    must be that one, as OpenAI requires."""
     kind = Kind(kind)
     spec = SPECS[kind]
     for line, obj in read_jsonl(stream):
@@ -370,39 +376,47 @@ def read_openai_batch(stream: Stream, kind: Kind | str = OPENAI_KIND) -> Records
         elif not kind.is_text:
             yield line, Problem(line, "-", f"the openai format is for text kinds (article, ad_copy), not {kind}")
         elif not isinstance(obj, dict):
-            yield line, Problem(line, "-", f"expected a JSON object, got {type(obj).__name__}")
+            yield line, Problem(line, "-", f"expected a JSON object, got {type(obj).__name__}", "invalid_json")
+        elif endpoint is not None and isinstance(obj.get("url"), str) and obj["url"] != endpoint:
+            yield line, Problem(line, "url", f"must be the batch's endpoint {endpoint}; got "
+                                f"{obj.get('url')!r}", "mismatched_endpoint")
         else:
-            problems = list(_batch_problems(line, obj, spec))
-            yield from ((line, p) for p in problems) if problems else [(line, _record(obj))]
+            checked = _checked_record(line, obj, spec)
+            yield from ((line, p) for p in checked) if isinstance(checked, list) else [(line, checked)]
 
 
-def _batch_problems(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> Iterator[Problem]:
+def _checked_record(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> dict[str, Any] | list[Problem]:
+    """The line's item record, or its problems (each named by the line's own fields)."""
     try:
         request = BatchLine.model_validate(obj)
     except ValidationError as exc:
-        yield from problems_from(line, exc, messages=_TOP_MESSAGES)
-        return
+        return list(problems_from(line, exc, messages=_TOP_MESSAGES))
     try:
-        _BODIES[request.url].model_validate(request.body)
+        body = _BODIES[request.url].model_validate(request.body)
     except ValidationError as exc:
-        yield from problems_from(line, exc, prefix="body", messages=_MESSAGES)
-        return
+        return list(problems_from(line, exc, prefix="body", messages=_MESSAGES))
+    record = _record(request.custom_id, body)
     try:  # what the item's spec adds (sizes, the last message's role): named by body field
-        spec.model_validate(_record(obj) | {"custom_id": request.custom_id})
+        spec.model_validate(record)
     except ValidationError as exc:
-        for problem in problems_from(line, exc):
-            head, _, rest = problem.field.partition(".")
-            if head == "params":
-                name, _, rest = rest.partition(".")
-                head, rest = "body", ".".join(filter(None, [_PARAM_FIELDS.get(name, name), rest]))
-            field = ".".join(filter(None, [_SPEC_FIELDS.get(head, head), rest]))
-            yield Problem(line, field, problem.message)
+        return [_body_field(problem) for problem in problems_from(line, exc)]
+    return record
 
 
-def _record(obj: dict[str, Any]) -> dict[str, Any]:
-    """An item record from a line already validated by :func:`_batch_problems`."""
-    body = _BODIES[obj["url"]].model_validate(obj["body"])
-    record: dict[str, Any] = {"custom_id": obj["custom_id"]}
+def _body_field(problem: Problem) -> Problem:
+    """A problem the item's spec found, renamed after the line's field it came from."""
+    head, _, rest = problem.field.partition(".")
+    if head == "params":
+        name, _, rest = rest.partition(".")
+        head, rest = "body", ".".join(filter(None, [_PARAM_FIELDS.get(name, name), rest]))
+    field = ".".join(filter(None, [_SPEC_FIELDS.get(head, head), rest]))
+    return Problem(problem.line, field, problem.message, problem.code)
+
+
+def _record(custom_id: str, body: _Body) -> dict[str, Any]:
+    """An item record from a validated body: its body is validated once (this is the hot path
+    of large batch files)."""
+    record: dict[str, Any] = {"custom_id": custom_id}
     if isinstance(body, ChatBody):
         record["messages"] = [m.model_dump(exclude_none=True) for m in body.messages]
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
@@ -22,11 +22,17 @@ MAX_REPORTED_PROBLEMS = 100
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with one input line (1-based) and field (``-`` for the whole line)."""
+    """One thing wrong with one input line (1-based) and field (``-`` for the whole line).
+
+    ``code`` is a machine-readable kind of problem where one is known (``invalid_json``,
+    ``duplicate_custom_id``, pydantic's error type such as ``missing``); it is not part of
+    equality, and the OpenAI API maps it to its own error codes.
+    """
 
     line: int
     field: str
     message: str
+    code: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.line}:{self.field}: {self.message}"
@@ -56,21 +62,23 @@ def read_jsonl(stream: BinaryIO | Iterable[bytes]) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object_or_Problem)`` for each non-blank line of a JSONL stream."""
     for number, raw in enumerate(stream, start=1):
         if len(raw) > MAX_LINE_BYTES:
-            yield number, Problem(number, "-", f"line is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
+            yield number, Problem(number, "-", f"line is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}",
+                                  "line_too_long")
             continue
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError as exc:
-            yield number, Problem(number, "-", f"not valid UTF-8 (byte {exc.start})")
+            yield number, Problem(number, "-", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8")
             continue
         if not text.strip():
             continue
         try:
             yield number, json.loads(text)
         except json.JSONDecodeError as exc:
-            yield number, Problem(number, "-", f"invalid JSON: {exc.msg} at column {exc.colno}")
+            yield number, Problem(number, "-", f"invalid JSON: {exc.msg} at column {exc.colno}",
+                                  "invalid_json")
         except RecursionError:
-            yield number, Problem(number, "-", "invalid JSON: nested too deeply")
+            yield number, Problem(number, "-", "invalid JSON: nested too deeply", "invalid_json")
 
 
 def validate_records(kind: Kind | str, records: Iterable[tuple[int, Any]]) -> Iterator[ParsedItem | Problem]:
@@ -85,7 +93,7 @@ def validate_records(kind: Kind | str, records: Iterable[tuple[int, Any]]) -> It
             yield record
             continue
         if not isinstance(record, dict):
-            yield Problem(line, "-", f"expected a JSON object, got {type(record).__name__}")
+            yield Problem(line, "-", f"expected a JSON object, got {type(record).__name__}", "invalid_json")
             continue
         try:
             spec = spec_type.model_validate(record)
@@ -94,7 +102,7 @@ def validate_records(kind: Kind | str, records: Iterable[tuple[int, Any]]) -> It
             continue
         custom_id = getattr(spec, "custom_id", None) or f"item-{line}"
         if custom_id in seen:
-            yield Problem(line, "custom_id", f"duplicate custom_id {custom_id!r}")
+            yield Problem(line, "custom_id", f"duplicate custom_id {custom_id!r}", "duplicate_custom_id")
             continue
         seen.add(custom_id)
         yield ParsedItem(line, custom_id, _dump(spec))
@@ -129,4 +137,4 @@ def problems_from(line: int, exc: ValidationError, *, prefix: str = "",
         message = (messages or {}).get(err["type"]) or err["msg"].removeprefix("Value error, ")
         if err["type"] == "literal_error":
             message = f"{message}; got {err['input']!r}"
-        yield Problem(line, field, message)
+        yield Problem(line, field, message, err["type"])
