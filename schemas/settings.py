@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -32,6 +33,10 @@ DEFAULT_IMAGE_MODEL = "dcgan-faces"
 # Which setting names the default model of each kind (a job may name any other).
 DEFAULT_MODEL_SETTING = {Kind.article: "text_model", Kind.ad_copy: "text_model",
                          Kind.image_set: "image_model"}
+
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _default_models_dir() -> Path:
@@ -116,8 +121,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path(".aigc"), description="Local state: embedded broker folders, demo model cache."
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Keys of the OpenAI-compatible API (`aigc serve`), as "
+        "NAME:SHA256HEX entries (comma-separated or a JSON list; `aigc keys new NAME` makes one). "
+        "Only hashes are kept; each NAME sees only its own files and batches, and two entries "
+        "with one NAME share them (key rotation).",
+    )
+    api_max_upload_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="Largest file `aigc serve` accepts; bigger uploads "
+        "get 413 (OpenAI's own limit for batch input files is 200 MB).",
+    )
 
-    @field_validator("plugins", mode="before")
+    @field_validator("plugins", "api_keys", mode="before")
     @classmethod
     def _split_plugins(cls, value: object) -> object:
         if isinstance(value, str):
@@ -125,6 +140,19 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: list[str]) -> list[str]:
+        for number, entry in enumerate(value, start=1):
+            name, _, digest = entry.partition(":")
+            if not _KEY_NAME.fullmatch(name) or not _SHA256_HEX.fullmatch(digest):
+                raise ValueError(
+                    f"AIGC_API_KEYS entry {number} must be NAME:SHA256HEX (a name of letters, "
+                    "digits, '.', '_' or '-', then the key's sha256 in hex; `aigc keys new NAME` "
+                    "prints one); keys themselves are never configured")
+        return value
+
     @field_validator("models_dir")
     @classmethod
     def _expand_models_dir(cls, value: Path) -> Path:

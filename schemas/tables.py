@@ -52,6 +52,16 @@ class Job(SQLModel, table=True):
     finished_at: datetime | None = _ts()
     cancel_requested_at: datetime | None = _ts()
     updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    # Batches made through the OpenAI-compatible API (``aigc serve``, migration 0005); null for
+    # jobs submitted otherwise. The batch id is ``batch_`` + this id without dashes.
+    owner: str | None = Field(default=None, max_length=255, index=True)  # the API key's name
+    input_file_id: str | None = Field(default=None, max_length=64)
+    endpoint: str | None = Field(default=None, max_length=64)
+    completion_window: str | None = Field(default=None, max_length=16)
+    expires_at: datetime | None = _ts()
+    expired_at: datetime | None = _ts()
+    # Why a batch failed before any item was stored: [{line, param, code, message}].
+    errors: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
 
 
 class Item(SQLModel, table=True):
@@ -128,3 +138,22 @@ class ChunkRun(SQLModel, table=True):
     started_at: datetime = Field(sa_type=DateTime(timezone=True))
     finished_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
     duration_ms: float
+
+
+class File(SQLModel, table=True):
+    """A file of the OpenAI-compatible API: an uploaded batch input, or a batch's output or
+    error file (made from ``results`` when read; ``job_id`` and ``content`` say which)."""
+
+    __tablename__ = "files"
+    __table_args__ = (UniqueConstraint("job_id", "content", name="uq_files_job_content"),)
+
+    id: str = Field(primary_key=True, max_length=64)  # file-<24 hex>
+    owner: str = Field(max_length=255, index=True)  # the API key's name
+    purpose: str = Field(max_length=32)  # batch (uploads), batch_output (made by aigc)
+    filename: str = Field(max_length=255)
+    bytes: int | None = Field(default=None, sa_type=BigInteger)  # outputs: counted on first read
+    uri: str | None = Field(default=None, sa_type=Text)  # uploads: where the artifact store keeps it
+    job_id: str | None = Field(default=None, foreign_key="jobs.id", max_length=36)
+    content: str | None = Field(default=None, max_length=16)  # output | error (of job_id)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    deleted_at: datetime | None = _ts()

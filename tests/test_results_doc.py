@@ -19,9 +19,9 @@ QUERIES = re.findall(r"```sql\n(.*?)```", DOC.split("## Throughput", 1)[0], flag
 
 
 def test_the_doc_names_every_column():
-    from schemas.tables import ChunkRun, Item, Job, Result
+    from schemas.tables import ChunkRun, File, Item, Job, Result
 
-    for table in (Job, Item, Result, ChunkRun):
+    for table in (Job, Item, Result, ChunkRun, File):
         for column in table.__table__.columns:
             assert f"| {column.name} |" in DOC, f"{table.__tablename__}.{column.name} is undocumented"
 
