@@ -79,16 +79,21 @@ def openai_line(row: dict[str, Any]) -> dict[str, Any]:
     A success is ``{id, custom_id, response: {status_code: 200, request_id, body}, error: null}``
     whose body is a ``chat.completion`` (chat messages and the templated kinds, which are
     prompted as chat) or a ``text_completion`` (free-form ``prompt`` items), with one choice per
-    output; a failure is ``{id, custom_id, response: null, error: {code, message}}``. Ids are
-    derived from the job id and custom_id, so exporting twice gives the same lines.
+    output, or for an image set OpenAI's images response (``data[].url``: the files); a failure
+    is ``{id, custom_id, response: null, error: {code, message}}``. Ids are derived from the
+    job id and custom_id, so exporting twice gives the same lines.
     """
     digest = hashlib.sha256(f"{row.get('job_id', '')}\0{row['custom_id']}".encode()).hexdigest()
     line = {"id": f"batch_req_{digest[:32]}", "custom_id": row["custom_id"]}
     if row["error_code"]:
         return line | {"response": None,
                        "error": {"code": row["error_code"], "message": row["error_message"] or ""}}
-    chat = "prompt" not in (row.get("input") or {})
     created = row.get("created_at")
+    created = int(created.timestamp()) if isinstance(created, datetime) else 0
+    if row.get("kind") == "image_set":
+        return line | {"response": {"status_code": 200, "request_id": f"req_{digest[:32]}",
+                                    "body": _images_body(row, created)}, "error": None}
+    chat = "prompt" not in (row.get("input") or {})
     usage = {"prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["output_tokens"] or 0}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     choices = []
@@ -100,10 +105,20 @@ def openai_line(row: dict[str, Any]) -> dict[str, Any]:
             choices.append({"index": index, "finish_reason": reason, "logprobs": None, "text": text})
     body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{digest[32:56]}",
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(created.timestamp()) if isinstance(created, datetime) else 0,
-            "model": row["model"], "choices": choices, "usage": usage, "system_fingerprint": None}
+            "created": created, "model": row["model"], "choices": choices, "usage": usage,
+            "system_fingerprint": None}
     return line | {"response": {"status_code": 200, "request_id": f"req_{digest[:32]}", "body": body},
                    "error": None}
+
+
+def _images_body(row: dict[str, Any], created: int) -> dict[str, Any]:
+    """An image set as OpenAI's images response: one URL (the artifact URI) per image."""
+    output = row.get("output") or {}
+    body: dict[str, Any] = {"created": created, "output_format": "png",
+                            "data": [{"url": image["uri"]} for image in output.get("images", ())]}
+    if output.get("width"):
+        body["size"] = f"{output['width']}x{output['height']}"
+    return body
 
 
 def _choices(row: dict[str, Any]) -> list[tuple[str, str]]:

@@ -220,6 +220,10 @@ class AdCopySpec(_TextSpec):
         return _require_unless_prompt(self, "product")
 
 
+# WIDTHxHEIGHT, as OpenAI writes image sizes ("1024x1024").
+ImageSize = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")]
+
+
 class ImageSetSpec(_Strict):
     """An image set: ``n_images`` images from one seed, optionally with a contact sheet."""
 
@@ -228,6 +232,8 @@ class ImageSetSpec(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**63)
     label: ShortText | None = None
     grid: bool = False
+    size: ImageSize | None = Field(None, description="WIDTHxHEIGHT the images must have; the "
+                                   "worker refuses the item if its model makes another size.")
 
 
 def is_templated(item_input: dict[str, Any]) -> bool:

@@ -112,7 +112,7 @@ UNKNOWN = "1:colour: unknown column; known: custom_id, prompt, params.max_new_to
      ["2:params.max_new_tokens: Input should be less than or equal to 4096"]),
     ("image_set", b"n_images,grid\n4,maybe\n", ["2:grid: not a boolean (true/false, yes/no, 1/0): 'maybe'"]),
     ("image_set", b"n_images,params.seed\n4,1\n",
-     ["1:params.seed: unknown column; known: custom_id, n_images, seed, label, grid"]),
+     ["1:params.seed: unknown column; known: custom_id, n_images, seed, label, grid, size"]),
     ("article", b"topic\nbees\n\xff\xfeants\nwasps\n", ["3:-: not valid UTF-8 (byte 0)"]),
     ("article", b"topic,length\nbees,300,extra\n", ["2:-: row has 3 cells; the header has 2"]),
     ("article", b'topic\n"bees\nants\n', ['2:-: malformed CSV: unexpected end of data']),

@@ -88,6 +88,13 @@ class ImageSetBackend:
                 seed = derive_seed(job.id, item.custom_id)
             plan = _Plan(item, int(seed), int(spec.get("n_images", 4)), bool(spec.get("grid")),
                          spec.get("label"))
+            size = getattr(self.model, "image_size", None)
+            if spec.get("size") and size and spec["size"] != f"{size}x{size}":
+                refused.append(self._row(job, plan) | {
+                    "error_code": "size_not_supported",
+                    "error_message": f"model {job.model} ({self.config['architecture']}) makes "
+                    f"{size}x{size} images; got size {spec['size']!r}"})
+                continue
             if plan.label is not None and plan.label not in self.labels:
                 refused.append(self._row(job, plan) | {
                     "error_code": "label_not_supported",
