@@ -97,6 +97,30 @@ def submit_file(
                        metadata=metadata, on_invalid=on_invalid)
 
 
+def submit_records(
+    kind: Kind | str,
+    records: Iterable[tuple[int, Any]],
+    *,
+    model: str | None = None,
+    params: dict[str, Any] | None = None,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    job_fields: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Like :func:`submit_file`, for ``(line, record_or_Problem)`` pairs from one of the readers
+    of ``schemas.formats`` over any stream (the API server reads from the artifact store).
+
+    ``job_fields`` sets further columns of the job row (an API batch's owner, input file,
+    endpoint, completion window).
+    """
+    kind = _kind(kind)
+    return _submit(kind, validate_records(kind, records), settings=settings or get_settings(),
+                   model=model, params=params, priority=priority, idempotency_key=idempotency_key,
+                   metadata=metadata, job_fields=job_fields)
+
+
 def _kind(kind: Kind | str) -> Kind:
     try:
         return Kind(kind)
@@ -108,7 +132,8 @@ def _kind(kind: Kind | str) -> Kind:
 def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Settings,
             model: str | None = None, params: dict[str, Any] | None = None, priority: int = 0,
             idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
-            on_invalid: Callable[[Problem], None] | None = None) -> str:
+            on_invalid: Callable[[Problem], None] | None = None,
+            job_fields: dict[str, Any] | None = None) -> str:
     try:
         job_params = JobParams.model_validate(params or {})
     except ValidationError as exc:
@@ -121,7 +146,7 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
     job = Job(id=str(uuid.uuid4()), idempotency_key=idempotency_key, kind=kind,
               model=model or settings.default_model(kind),
               params=job_params.model_dump(mode="json", exclude_none=True),
-              status=JobStatus.queued, priority=priority, meta=metadata or {})
+              status=JobStatus.queued, priority=priority, meta=metadata or {}, **(job_fields or {}))
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
             session.add(job)
@@ -166,7 +191,7 @@ def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Pr
     if n_problems:
         raise InputError(problems, n_problems)
     if count == 0 and not rows:
-        raise InputError([Problem(0, "-", "the input has no items")])
+        raise InputError([Problem(0, "-", "the input has no items", "empty_file")])
     if rows:
         _insert_items(session, rows)
     return count

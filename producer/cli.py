@@ -14,9 +14,8 @@ import typer
 from rich.console import Console
 
 from schemas.db import SchemaError, upgrade
-from schemas.enums import Kind
 from schemas.parsing import InputError
-from schemas.settings import get_settings, redact_url
+from schemas.settings import Settings, get_settings, redact_url
 
 from . import api, control
 from .dispatch import DispatchError
@@ -30,6 +29,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 models_app = typer.Typer(help="Pretrained models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(help="API keys of `aigc serve`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 errors = Console(stderr=True)
 
@@ -177,8 +178,6 @@ def results(
     except LookupError as exc:
         raise _fail(str(exc), 1)
     openai = format == "openai"
-    if openai and not Kind(job.kind).is_text:
-        raise _fail(f"--format openai is for text jobs; job {job_id} is {job.kind} (try --files)", 2)
     rows = api.results(job_id, errors_only=errors_only, with_input=openai)
     if openai and errors_only:
         format = "openai_errors"
@@ -262,6 +261,55 @@ def flower(port: Annotated[int, typer.Option()] = 5555,
     env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
     os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
                                f"--port={port}", f"--address={address}"], env)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+          port: Annotated[int, typer.Option()] = 8000,
+          open_access: Annotated[bool, typer.Option(
+              "--open", help="no API keys: anyone who reaches the port is served (loopback only)")] = False,
+          ) -> None:
+    """Serve OpenAI's Files and Batches API over aigc jobs (keys from AIGC_API_KEYS)."""
+    settings = get_settings()
+    if open_access and settings.api_keys:
+        raise _fail("--open and AIGC_API_KEYS together: drop one (with keys, every request needs one)", 2)
+    if not open_access and not settings.api_keys:
+        raise _fail("set AIGC_API_KEYS (`aigc keys new NAME` makes a key and its entry), or pass "
+                    "--open to serve without keys on a loopback address", 2)
+    if open_access and host not in LOOPBACK:
+        raise _fail(f"--open serves without keys, so only on loopback ({', '.join(LOOPBACK)}), "
+                    f"not on {host}", 2)
+    import uvicorn
+
+    from .server import create_app
+
+    try:
+        application = create_app(settings, open_access=open_access)
+    except SchemaError as exc:
+        raise _fail(str(exc), 2)
+    errors.print(f"aigc serve: http://{host}:{port}/v1 (database {redact_url(settings.database_url)}, "
+                 f"{'open, no keys' if open_access else f'{len(settings.api_keys)} key(s)'})",
+                 markup=False, highlight=False)
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
+
+
+@keys_app.command("new")
+def keys_new(name: Annotated[str, typer.Argument(help="owner name: letters, digits, . _ -")]) -> None:
+    """Make an API key: prints the key (once) and the AIGC_API_KEYS entry holding its hash."""
+    from .server.auth import hash_key, new_key
+
+    key = new_key()
+    entry = f"{name}:{hash_key(key)}"
+    try:
+        Settings(api_keys=[entry])
+    except ValueError:
+        raise _fail(f"invalid key name {name!r}: letters, digits, '.', '_' or '-', at most 64", 2)
+    print(key)
+    print(f"add to AIGC_API_KEYS (comma-separated): {entry}\n"
+          "the key itself is stored nowhere: keep it now", file=sys.stderr)
 
 
 @models_app.command("fetch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -123,6 +123,15 @@ def job_details(job: Job) -> Table:
               ("created", _stamp(job.created_at)), ("started", _stamp(job.started_at)),
               ("finished", _stamp(job.finished_at)),
               ("cancel requested", _stamp(job.cancel_requested_at))]
+    if job.input_file_id:  # a batch of the OpenAI-compatible API (aigc serve)
+        fields += [("batch", "batch_" + job.id.replace("-", "")), ("owner", job.owner or "-"),
+                   ("endpoint", job.endpoint or "-"), ("input file", job.input_file_id),
+                   ("expires", _stamp(job.expires_at)), ("expired", _stamp(job.expired_at))]
+    if job.meta:
+        fields.append(("metadata", json.dumps(job.meta)))
+    if job.errors:
+        fields.append(("errors", f"{len(job.errors)} (first: line {job.errors[0].get('line')}: "
+                                 f"{job.errors[0].get('message')})"))
     for name, value in fields:
         table.add_row(f"[bold]{name}", value)
     return table
