@@ -6,10 +6,16 @@ workers can never disagree on serializer, acks or queues.
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery
+from celery.worker.control import inspect_command
 
 from schemas.dispatch import celery_config
+from schemas.enums import Kind
 from schemas.settings import get_settings
+
+STARTED = int(time.time())
 
 
 def create_app() -> Celery:
@@ -24,3 +30,20 @@ def create_app() -> Celery:
 
 
 app = create_app()
+
+
+@inspect_command()
+def aigc_models(state) -> dict:
+    """What this worker serves (``GET /v1/models`` of ``aigc serve`` asks every worker):
+    the default model of each kind whose queue it consumes, and any other model it holds warm."""
+    from .registry import warm_models
+
+    settings = get_settings()
+    queues = {queue.name for queue in state.consumer.task_consumer.queues}
+    models: dict[str, list[str]] = {}
+    for kind in Kind:
+        if kind.value in queues:
+            models.setdefault(settings.default_model(kind), []).append(kind.value)
+    for _backend, model, _bytes in warm_models():
+        models.setdefault(model, [])
+    return {"started": STARTED, "models": models}
