@@ -18,7 +18,7 @@ AIGC = [name for name, s in SERVICES.items() if s.get("image") == "aigc:latest"]
 
 
 def test_expected_services_exist():
-    assert {"redis", "postgres", "flower", "migrate", "sweeper", "worker-cpu", "producer"} <= set(SERVICES)
+    assert {"redis", "postgres", "flower", "migrate", "sweeper", "worker-cpu", "producer", "api"} <= set(SERVICES)
     assert any(name.startswith("worker-gpu") for name in SERVICES)
     assert SERVICES["producer"]["restart"] == "no" and "producer" in SERVICES["producer"]["profiles"]
     assert "cpu" in SERVICES["worker-cpu"]["profiles"]
@@ -71,6 +71,8 @@ def test_secrets_are_required_and_redis_persists():
     assert env["AIGC_FLOWER_PASSWORD"].startswith("${AIGC_FLOWER_PASSWORD:?")
     assert "FLOWER_UNAUTHENTICATED_API" not in env
     assert ":${REDIS_PASSWORD:?" in env["AIGC_BROKER_URL"]
+    assert SERVICES["api"]["environment"]["AIGC_API_KEYS"].startswith("${AIGC_API_KEYS:?")
+    assert "--open" not in SERVICES["api"]["command"]
     for name in AIGC:
         built = Settings.model_validate({k.removeprefix("AIGC_").lower(): v for k, v in
                                          SERVICES[name]["environment"].items() if k.startswith("AIGC_")
@@ -78,7 +80,7 @@ def test_secrets_are_required_and_redis_persists():
         assert built.data_dir == Path("/data")
 
 
-@pytest.mark.parametrize("name", ["migrate", "flower", "sweeper", "worker-cpu", "worker-gpu0"])
+@pytest.mark.parametrize("name", ["migrate", "flower", "sweeper", "worker-cpu", "worker-gpu0", "api"])
 def test_commands_are_real_cli_commands(name):
     from typer.main import get_command
 

@@ -14,6 +14,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from sqlalchemy import text
 
 from schemas.db import ensure_schema
 from schemas.settings import Settings, get_settings
@@ -52,9 +53,17 @@ def create_app(settings: Settings | None = None, *, open_access: bool = False) -
     errors.install(app)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", retrieve_model, methods=["GET"])
     return app
+
+
+def health(request: Request) -> dict[str, str]:
+    """For load balancers and compose: 200 while the database answers (no key needed)."""
+    with request.app.state.engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    return {"status": "ok"}
 
 
 def _census(request: Request) -> dict[str, dict[str, Any]]:
