@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -110,6 +112,8 @@ def test_chat_and_completion_batches_end_to_end(served):
 
 def test_models_lists_what_the_workers_serve(served):
     settings, server, _, _ = served
+    with urllib.request.urlopen(server.base_url.removesuffix("/v1") + "/health", timeout=5) as health:
+        assert json.load(health) == {"status": "ok"}  # no key: for load balancers
     models = {model.id: model for model in client(server).models.list()}
     assert str(settings.text_model) in models and str(settings.image_model) in models
     assert client(server).models.retrieve(str(settings.image_model)).owned_by == "aigc"
@@ -139,6 +143,12 @@ def test_keys_owners_and_404s(served):
     with pytest.raises(openai.NotFoundError):
         alice.files.content(mine.id)
     assert wait_for(alice, batch.id).status == "completed"  # its items were stored already
+
+    again = upload(alice, [chat_line("b", max_tokens=2)])
+    first, retry = (alice.batches.create(input_file_id=again.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h", extra_headers={"Idempotency-Key": "k-1"})
+                    for _ in range(2))
+    assert first.id == retry.id  # a retried create returns the batch it made
 
 
 def test_a_file_with_bad_lines_fails_the_batch_naming_them(served):
