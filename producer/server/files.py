@@ -26,7 +26,7 @@ from .. import api
 from ..export import openai_line
 from .auth import caller
 from .errors import APIError, not_found
-from .uploads import FileStore, receive
+from .uploads import DRAIN_BYTES, FileStore, receive
 
 router = APIRouter()
 Caller = Annotated[str, Depends(caller)]
@@ -110,7 +110,8 @@ async def upload_file(request: Request, owner: Caller) -> dict[str, Any]:
     state = request.app.state
     limit = state.settings.api_max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + DRAIN_SLACK:
+    # Far too large: answer at once (reading it all to be polite would cost more than it helps).
+    if declared and declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
         raise APIError(413, f"The file is larger than this server's limit of {limit} bytes "
                        "(AIGC_API_MAX_UPLOAD_BYTES).", param="file", code="file_too_large")
     file_id = new_file_id()
@@ -136,8 +137,6 @@ async def upload_file(request: Request, owner: Caller) -> dict[str, Any]:
         raise
     return file_object(row)
 
-
-DRAIN_SLACK = 1 << 20  # multipart framing and the purpose field around the file
 
 
 @router.get("/v1/files")

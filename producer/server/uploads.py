@@ -182,11 +182,11 @@ async def receive(stream: AsyncIterator[bytes], content_type: str, store: FileSt
     except BaseException:
         await _abandon(sink, store, file_id)
         raise
-    if sink is not None:
+    if receiver.upload.too_large:  # it may have crossed the limit in the last chunk
+        await _abandon(sink, store, file_id)
+    elif sink is not None:
         await run_in_threadpool(sink.close)
         await run_in_threadpool(store.commit, file_id)
-    elif receiver.upload.too_large:
-        await run_in_threadpool(store.discard, file_id)
     elif receiver.file_started:  # an empty file: nothing was written, but it exists
         sink = await run_in_threadpool(store.open_for_writing, file_id)
         await run_in_threadpool(sink.close)
