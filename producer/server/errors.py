@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         413: "invalid_request_error", 415: "invalid_request_error", 503: "server_error"}
+         413: "invalid_request_error", 415: "invalid_request_error", 500: "server_error"}
 
 
 class APIError(Exception):
@@ -50,6 +50,12 @@ def install(app: FastAPI) -> None:
         if first.get("type") == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {param}"
         return JSONResponse(body(400, message, param, first.get("type")), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still re-raises it afterwards, so uvicorn logs the traceback.
+        return JSONResponse(body(500, "The server had an error while processing your request."),
+                            status_code=500)
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
