@@ -21,7 +21,10 @@ from schemas.tables import Item, Job
 @pytest.fixture
 def settings(database_url, redis_url, tmp_path):
     upgrade(database_url)
-    return Settings(broker_url=redis_url, database_url=database_url, chunk_size=10, data_dir=tmp_path)
+    # An empty models directory: the default text model is the shipped fallback, whatever this
+    # host has fetched.
+    return Settings(broker_url=redis_url, database_url=database_url, chunk_size=10, data_dir=tmp_path,
+                    models_dir=tmp_path / "models")
 
 
 def counts(settings: Settings) -> tuple[int, int]:
@@ -61,8 +64,9 @@ def test_invalid_items_store_nothing(settings):
     with pytest.raises(InputError) as caught:
         api.submit("article", items, settings=settings)
     assert [str(p) for p in caught.value.problems] == [
-        "7001:length: Input should be greater than or equal to 20",
-        "7002:topic: Field required (or give a free-form 'prompt')",
+        "7001:length: must be a number of words from 20 to 5000, or short (about 150 words), "
+        "medium (about 400 words), long (about 800 words); got 1",
+        "7002:topic: Field required (or give a free-form 'prompt' or chat 'messages')",
     ]
     assert counts(settings) == before  # the 7000 good rows, already inserted in bulk, rolled back
 
