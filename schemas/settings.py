@@ -98,7 +98,9 @@ class Settings(BaseSettings):
         "text", description="Worker logs: 'text' for people, 'json' for one JSON object per line."
     )
     lease_seconds: int = Field(
-        900, ge=1, description="How long a worker owns a claimed item before others may take it."
+        60, ge=1, description="How long a claimed item stays a worker's without news from it: the "
+        "worker renews the leases of its chunk every quarter of this (a heartbeat) while it "
+        "runs, so a chunk may take longer; a dead worker's items are free again within it.",
     )
     visibility_timeout: int | None = Field(
         None, ge=1, description="Seconds a Redis message may stay unacknowledged before the broker "
