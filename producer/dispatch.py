@@ -17,6 +17,10 @@ from schemas.tables import Item
 class DispatchError(RuntimeError):
     """The job is safe in SQL but its messages could not be sent; ``aigc resume`` sends them."""
 
+    def __init__(self, message: str, job_id: str):
+        super().__init__(message)
+        self.job_id = job_id
+
 
 _clients: dict[tuple[str, str], Celery] = {}
 
@@ -79,6 +83,6 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
     except Exception as exc:  # kombu raises OperationalError and socket errors alike
         raise DispatchError(
             f"job {job_id} is saved, but the broker {redact_url(settings.broker_url)} did not take "
-            f"its messages ({exc}); run `aigc resume {job_id}` once the broker is back"
+            f"its messages ({exc}); run `aigc resume {job_id}` once the broker is back", job_id
         ) from exc
     return sent

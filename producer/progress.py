@@ -127,6 +127,18 @@ def job_details(job: Job) -> Table:
     return table
 
 
+JOB_FIELDS = ("id", "kind", "model", "status", "total", "done", "failed", "priority", "params",
+              "meta", "idempotency_key", "created_at", "started_at", "finished_at",
+              "cancel_requested_at", "updated_at")
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """The job as plain JSON-ready data (``aigc status --json``): its columns, times in ISO 8601."""
+    document = {name: getattr(job, name) for name in JOB_FIELDS}
+    document["metadata"] = document.pop("meta")
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in document.items()}
+
+
 def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70) -> Table:
     table = Table("custom_id", "output", "tokens", "worker", title=title, show_lines=True)
     for row in rows:
