@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine, select
 
-from schemas.dispatch import TASK_GENERATE, broker_priority, celery_config, queue_name
+from schemas.dispatch import broker_priority, celery_config, queue_name, task_name
 from schemas.enums import ItemStatus
 from schemas.settings import Settings, redact_url
 from schemas.tables import Item
@@ -70,9 +70,9 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
         with app.producer_or_acquire() as producer:
             for chunk in chunked(item_ids(engine, job_id, where), settings.chunk_size):
                 app.send_task(
-                    TASK_GENERATE,
+                    task_name(kind),
                     args=[job_id, chunk],
-                    shadow=f"aigc.{kind} job={job_id} items={len(chunk)}",  # what Flower shows
+                    kwargs={"items": len(chunk)},  # the chunk's size, readable in Flower
                     queue=queue_name(kind),
                     priority=broker_priority(priority),
                     producer=producer,

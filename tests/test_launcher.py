@@ -131,7 +131,8 @@ def test_a_busy_worker_answers_ping(fleet_settings, tmp_path):
         active = app.control.inspect(destination=[worker.hostname], timeout=2).active()
         assert api.status(job_id, settings=settings).status == "running"  # still busy
         assert answered == [{worker.hostname: {"ok": "pong"}}]
-        assert [t["name"] for t in active[worker.hostname]] == [f"aigc.article job={job_id} items=40"]
+        assert [(t["name"], t["args"][0], t["kwargs"]) for t in active[worker.hostname]] == \
+            [("aigc.article", job_id, {"items": 40})]
     finally:
         worker.stop()
 

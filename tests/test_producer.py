@@ -46,8 +46,10 @@ def test_items_are_committed_then_enqueued_as_chunks_of_ids(settings):
     job = api.status(job_id, settings=settings)
     assert (job.status, job.total, job.kind, job.model) == ("queued", 25, "article", "text-small")
     messages = queued_messages(settings, "article")
-    assert [m["headers"]["task"] for m in messages] == ["aigc.generate_chunk"] * 3
-    chunks = [json.loads(base64.b64decode(m["body"]))[0] for m in messages]
+    assert [m["headers"]["task"] for m in messages] == ["aigc.article"] * 3  # one name per kind
+    bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
+    assert sorted(body[1]["items"] for body in bodies) == [5, 10, 10]  # sizes, shown by Flower
+    chunks = [body[0] for body in bodies]
     assert all(args[0] == job_id for args in chunks)
     sent_ids = sorted(i for args in chunks for i in args[1])
     with Session(get_engine(settings.database_url)) as session:
