@@ -250,14 +250,21 @@ def resume(job_id: str) -> None:
 
 @app.command()
 def sweep(
-    stale: Annotated[float, typer.Option(help="seconds without progress before a job is resumed")] = 600,
-    every: Annotated[Optional[float], typer.Option(help="repeat every N seconds (run as a service)")] = None,
+    stale: Annotated[float, typer.Option(help="seconds without progress before a job's unfinished "
+                                         "items are re-sent (lost messages)")] = 600,
+    every: Annotated[Optional[float], typer.Option(help="repeat every N seconds (run as a service; "
+                                                   "compose.yaml: 15)")] = None,
+    alive_file: Annotated[Optional[Path], typer.Option(
+        help="touched after every successful pass, for a healthcheck")] = None,
 ) -> None:
-    """Resume active jobs that stopped making progress (lost messages, dead workers)."""
+    """Re-send a dead worker's items (expired leases) at once, and the items of jobs whose
+    messages were lost (no progress for --stale seconds)."""
     while True:
         try:
             for job_id, sent in control.sweep(stale_seconds=stale).items():
                 errors.print(f"job {job_id}: {sent} item(s) re-sent")
+            if alive_file:
+                alive_file.touch()
         except Exception as exc:  # a database or broker outage: a service keeps going
             if every is None:
                 raise
@@ -270,6 +277,36 @@ def sweep(
 
 # The worker side parses its own options (and --help): the producer never imports it.
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command()
+def ping(
+    nodes: Annotated[Optional[list[str]], typer.Argument(
+        help="worker names, e.g. gpu0@%h (%h: this host's name); none: every worker")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for answers")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="{node: answered} on stdout")] = False,
+) -> None:
+    """Ask workers over the broker whether they are alive; exit 1 if one named is silent (or,
+    naming none, if none answers). A worker container's healthcheck."""
+    import socket
+
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from .dispatch import ping as ping_workers
+
+    settings = get_settings()
+    names = [n.replace("%h", socket.gethostname()) for n in nodes or []]
+    try:
+        answers = ping_workers(settings, names, timeout)
+    except BrokerError as exc:
+        raise _fail(f"aigc: broker {redact_url(settings.broker_url)} is unreachable: {exc}", EXIT_BROKER)
+    if as_json:
+        print(json.dumps(answers))
+    else:
+        for name, answered in answers.items():
+            print(f"{name}: {'ok' if answered else 'no answer'}")
+    if not answers or not all(answers.values()):
+        raise typer.Exit(1)
 
 
 @app.command(context_settings=PASS_THROUGH)

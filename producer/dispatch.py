@@ -86,3 +86,11 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
             f"its messages ({exc}); run `aigc resume {job_id}` once the broker is back", job_id
         ) from exc
     return sent
+
+
+def ping(settings: Settings, nodes: list[str], timeout: float = 2.0) -> dict[str, bool]:
+    """{worker node name: whether it answered} over the broker; without ``nodes``, every node
+    that answered. Raises kombu's ``OperationalError`` when the broker cannot be reached."""
+    replies = _client(settings).control.ping(destination=nodes or None, timeout=timeout)
+    answered = {name for reply in replies for name in reply}
+    return {node: node in answered for node in nodes} if nodes else dict.fromkeys(sorted(answered), True)

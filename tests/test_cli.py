@@ -104,3 +104,9 @@ def test_a_bad_setting_is_one_line_exit_6_and_never_shows_the_password():
 
     assert failed.returncode == 6
     assert failed.stderr == "aigc: invalid settings: AIGC_DATABASE_URL must be sqlite:// or postgresql://\n"
+
+
+def test_sweep_touches_its_alive_file_after_a_pass(settings, tmp_path):
+    alive = tmp_path / "sweeper.alive"
+    swept = aigc("sweep", "--alive-file", str(alive), env=settings.to_env())
+    assert swept.returncode == 0 and alive.exists()

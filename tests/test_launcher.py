@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,5 +172,12 @@ def test_worker_help_is_real_and_celery_options_pass_through(fleet_settings, tmp
         assert [q["name"] for q in queues[worker.hostname]] == ["article"]
         assert int((tmp_path / "w.pid").read_text()) == worker.process.pid  # Celery's own option
         assert " DEBUG " in worker.log()
+        env = os.environ | settings_env(fleet_settings)
+        ping = [sys.executable, "-m", "producer.cli", "ping", "--timeout", "3"]
+        alive = subprocess.run([*ping, worker.hostname], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        silent = subprocess.run([*ping, "nobody@%h", "--json"], env=env, cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert (alive.returncode, alive.stdout) == (0, f"{worker.hostname}: ok\n")  # the healthcheck
+        assert silent.returncode == 1 and json.loads(silent.stdout) == {f"nobody@{socket.gethostname()}": False}
     finally:
         worker.stop()
