@@ -113,6 +113,8 @@ def submit(
                                  priority=priority, idempotency_key=key, on_invalid=rejects)
     except InputError as exc:
         raise _fail(f"{file}: {exc}\nno job was created", 2)
+    except api.IdempotencyConflictError as exc:
+        raise _fail(f"{file}: {exc}", 2)
     except DispatchError as exc:
         print(exc.job_id)  # the job is stored: scripts get its id for `aigc resume`
         raise _fail(str(exc), EXIT_BROKER)

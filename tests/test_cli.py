@@ -110,3 +110,19 @@ def test_sweep_touches_its_alive_file_after_a_pass(settings, tmp_path):
     alive = tmp_path / "sweeper.alive"
     swept = aigc("sweep", "--alive-file", str(alive), env=settings.to_env())
     assert swept.returncode == 0 and alive.exists()
+
+
+def test_reusing_a_key_with_another_file_is_refused_naming_the_conflict(settings, tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"topic": "tides"}\n', encoding="utf-8")
+    second.write_text('{"topic": "bees"}\n', encoding="utf-8")
+    env = settings.to_env()
+    job_id = aigc("submit", str(first), "--kind", "article", "--key", "k-files", env=env).stdout.strip()
+
+    again = aigc("submit", str(first), "--kind", "article", "--key", "k-files", env=env)
+    other = aigc("submit", str(second), "--kind", "article", "--key", "k-files", env=env)
+    kind = aigc("submit", str(first), "--kind", "ad_copy", "--key", "k-files", env=env)
+
+    assert (again.returncode, again.stdout.strip()) == (0, job_id)
+    assert other.returncode == 2 and f"belongs to job {job_id}, submitted with a different items" in other.stderr
+    assert kind.returncode == 2  # the file does not even fit ad_copy: refused before the key

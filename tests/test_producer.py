@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 import redis
@@ -86,11 +87,19 @@ def test_an_empty_input_is_refused(settings):
         api.submit("article", [], settings=settings)
 
 
-def test_idempotency_key_returns_the_existing_job(settings):
-    first = api.submit("article", [{"topic": "a"}], idempotency_key="k-1", settings=settings)
+def test_idempotency_key_returns_the_same_job_and_refuses_different_input(settings):
+    key = f"k-{uuid.uuid4()}"
+    first = api.submit("article", [{"topic": "a"}], idempotency_key=key, settings=settings)
     before = counts(settings)
-    again = api.submit("article", [{"topic": "a"}, {"topic": "b"}], idempotency_key="k-1", settings=settings)
-    assert again == first and counts(settings) == before
+    assert api.submit("article", [{"topic": "a"}], idempotency_key=key, settings=settings) == first
+    for kind, items, params, differs in [("article", [{"topic": "a"}, {"topic": "b"}], None, "items"),
+                                         ("article", [{"topic": "z"}], None, "items"),
+                                         ("ad_copy", [{"product": "a"}], None, "kind"),
+                                         ("article", [{"topic": "a"}], {"max_new_tokens": 9}, "params")]:
+        with pytest.raises(api.IdempotencyConflictError, match=rf"key '{key}' belongs to job {first}, "
+                           rf"submitted with a different {differs}"):
+            api.submit(kind, items, params=params, idempotency_key=key, settings=settings)
+    assert counts(settings) == before
 
 
 def test_an_unreachable_broker_keeps_the_job_and_says_how_to_resume(database_url, tmp_path):

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schemas import lifecycle
 from schemas.enums import ItemStatus, JobStatus
-from schemas.tables import ChunkRun, Item, Job, Result, utcnow
+from schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
 
 from .errors import DatabaseUnavailable
 
@@ -151,9 +151,15 @@ def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], ow
     still accounts for every row it committed. Returns ``(done, failed)`` as counted.
     """
     now = utcnow()
-    rows = [{**_NULLABLE_RESULT_COLUMNS, "created_at": now, **row} for row in rows]
     counted: dict[str, list[int]] = {}
     with engine.begin() as connection:
+        # The counter's row lock is held until this transaction commits: rows become visible in
+        # seq order, which is what lets readers page with `seq > :last` (docs/results-table.md).
+        last = connection.execute(update(Counter).where(Counter.name == "results")
+                                  .values(value=Counter.value + len(rows))
+                                  .returning(Counter.value)).scalar_one()
+        rows = [{**_NULLABLE_RESULT_COLUMNS, "created_at": now, **row, "seq": last - len(rows) + i + 1}
+                for i, row in enumerate(rows)]
         connection.execute(_insert_ignoring_duplicates(engine), rows)
         for status in (ItemStatus.done, ItemStatus.error):
             ids = [r["item_id"] for r in rows if (r["error_code"] is None) == (status == ItemStatus.done)]
