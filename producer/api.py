@@ -264,7 +264,15 @@ RESULT_COLUMNS = ("custom_id", "kind", "output_text", "output", "artifact_uris",
 
 def results(job_id: str, *, errors_only: bool = False,
             settings: Settings | None = None) -> Iterator[dict[str, Any]]:
-    """The job's result rows as dicts, in submission order, streamed."""
+    """The job's result rows as dicts, in submission order, streamed.
+
+    Raises LookupError at once for an unknown job (like :func:`status` and :func:`wait`).
+    """
+    status(job_id, settings=settings)
+    return _results(job_id, errors_only, settings)
+
+
+def _results(job_id: str, errors_only: bool, settings: Settings | None) -> Iterator[dict[str, Any]]:
     engine = ensure_schema((settings or get_settings()).database_url)
     columns = [getattr(Result, name) for name in RESULT_COLUMNS]
     query = (select(*columns).join(Item, Item.id == Result.item_id)

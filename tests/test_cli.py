@@ -126,3 +126,26 @@ def test_reusing_a_key_with_another_file_is_refused_naming_the_conflict(settings
     assert (again.returncode, again.stdout.strip()) == (0, job_id)
     assert other.returncode == 2 and f"belongs to job {job_id}, submitted with a different items" in other.stderr
     assert kind.returncode == 2  # the file does not even fit ad_copy: refused before the key
+
+
+def test_results_of_an_unknown_job_raise_like_wait(settings):
+    with pytest.raises(LookupError, match="no job nope"):
+        api.results("nope", settings=settings)
+
+
+def test_watch_shows_the_job_s_own_elapsed_time(settings):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from schemas.db import get_engine
+    from schemas.tables import Job, utcnow
+
+    job_id = api.submit("article", [{"topic": "a"}], settings=settings)
+    start = utcnow() - timedelta(seconds=3725)
+    with get_engine(settings.database_url).begin() as connection:
+        connection.execute(update(Job).where(Job.id == job_id).values(
+            status="completed", started_at=start, finished_at=start + timedelta(seconds=3725), done=1))
+    watched = aigc("status", job_id, "--watch", env=settings.to_env() | {"COLUMNS": "200"})
+    assert watched.returncode == 0
+    assert "1:02:05" in watched.stdout, watched.stdout  # started an hour ago, not when the watch began
