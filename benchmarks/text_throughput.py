@@ -11,7 +11,8 @@ architecture and tokenizer; speed does not depend on the weights) and prints one
 - ``two_workers_over_one``: two worker processes of one thread each over one.
 
 Usage: ``python benchmarks/text_throughput.py [--size distil] [--items 512] [--new-tokens 32] [--batch 32]``
-(``--size tiny --items 128`` for a quick run). Needs Redis on 127.0.0.1:6379.
+(``--size tiny --items 128`` for a quick run; ``--model smollm2-135m-instruct`` or a model
+directory runs a real model instead of a random one). Needs Redis on 127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from producer import api  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from schemas.specs import GenerationParams  # noqa: E402
 from tiny_models import build_tiny_gpt2  # noqa: E402
-from workers.lm import CausalLM, TextRequest  # noqa: E402
+from workers.lm import CausalLM, TextRequest, resolve_model  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/10"
 SIZES = {  # name: (n_layer, n_embd, n_head)
@@ -152,14 +153,16 @@ def main() -> None:
     parser.add_argument("--naive-items", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=BATCH, help="rows per forward pass, system and bare")
+    parser.add_argument("--model", help="a real model (a name aigc resolves, or a directory) "
+                        "instead of a random one of --size")
     args = parser.parse_args()
     BATCH = args.batch
     redis.Redis.from_url(BROKER).flushdb()
     n_layer, n_embd, n_head = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model_dir = build_tiny_gpt2(folder / "model", n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                    n_positions=1024)
+        model_dir = Path(resolve_model(args.model)) if args.model else build_tiny_gpt2(
+            folder / "model", n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024)
         texts = prompts(args.items)
         lm = CausalLM(str(model_dir))
         bare = bare_tokens_per_s(lm, texts, args.new_tokens)
@@ -186,7 +189,7 @@ def main() -> None:
         naive = naive_tokens_per_s(model_dir, texts[: args.naive_items], args.new_tokens, folder)
     report = {
         "benchmark": "text_throughput", "device": "cpu", "torch_threads": torch.get_num_threads(),
-        "model": f"random GPT-2 {args.size} {SIZES[args.size]}", "items": args.items,
+        "model": args.model or f"random GPT-2 {args.size} {SIZES[args.size]}", "items": args.items,
         "new_tokens": args.new_tokens, "batch": BATCH,
         "tokens_per_s": {"bare_generate": round(bare, 1), "system": round(system, 1),
                          "naive_celery_batch1": round(naive, 1), "lm_bucketed": round(bucketed, 1),

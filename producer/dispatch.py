@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine, select
 
-from schemas.dispatch import TASK_GENERATE, broker_priority, celery_config, queue_name
+from schemas.dispatch import broker_priority, celery_config, queue_name, task_name
 from schemas.enums import ItemStatus
 from schemas.settings import Settings, redact_url
 from schemas.tables import Item
@@ -17,7 +17,7 @@ from schemas.tables import Item
 class DispatchError(RuntimeError):
     """The job is safe in SQL but its messages could not be sent; ``aigc resume`` sends them."""
 
-    def __init__(self, message: str, job_id: str | None = None):
+    def __init__(self, message: str, job_id: str):
         super().__init__(message)
         self.job_id = job_id
 
@@ -70,9 +70,9 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
         with app.producer_or_acquire() as producer:
             for chunk in chunked(item_ids(engine, job_id, where), settings.chunk_size):
                 app.send_task(
-                    TASK_GENERATE,
+                    task_name(kind),
                     args=[job_id, chunk],
-                    shadow=f"aigc.{kind} job={job_id} items={len(chunk)}",  # what Flower shows
+                    kwargs={"items": len(chunk)},  # the chunk's size, readable in Flower
                     queue=queue_name(kind),
                     priority=broker_priority(priority),
                     producer=producer,
@@ -86,3 +86,11 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
             f"its messages ({exc}); run `aigc resume {job_id}` once the broker is back", job_id
         ) from exc
     return sent
+
+
+def ping(settings: Settings, nodes: list[str], timeout: float = 2.0) -> dict[str, bool]:
+    """{worker node name: whether it answered} over the broker; without ``nodes``, every node
+    that answered. Raises kombu's ``OperationalError`` when the broker cannot be reached."""
+    replies = _client(settings).control.ping(destination=nodes or None, timeout=timeout)
+    answered = {name for reply in replies for name in reply}
+    return {node: node in answered for node in nodes} if nodes else dict.fromkeys(sorted(answered), True)

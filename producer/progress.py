@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timezone
 from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from schemas.enums import JobStatus
 from schemas.settings import Settings
-from schemas.tables import Job
+from schemas.tables import Job, utcnow
 
 
 class JobProgress:
@@ -29,7 +30,7 @@ class JobProgress:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[failed]} failed"), TextColumn("{task.fields[rate]} items/s"),
             TextColumn("{task.fields[tokens]} tok/s"), TextColumn("[dim]{task.fields[state]}"),
-            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"), console=console,
+            TextColumn("{task.fields[elapsed]}"), TextColumn("eta {task.fields[eta]}"), console=console,
         )
         self.tasks: dict[str, Any] = {}
 
@@ -44,7 +45,7 @@ class JobProgress:
         if job.id not in self.tasks:
             self.tasks[job.id] = self.progress.add_task(
                 f"{job.kind} {job.id[:8]}", total=job.total, failed=0, rate="-", tokens="-",
-                eta="-", state=job.status)
+                eta="-", state=job.status, elapsed="-")
         task_id = self.tasks[job.id]
         finished = job.done + job.failed
         self.progress.update(task_id, completed=finished, failed=job.failed, state=job.status)
@@ -55,13 +56,25 @@ class JobProgress:
         final = JobStatus(job.status).is_terminal
         eta = "-" if final or not speed else _clock((job.total - finished) / speed)
         self.progress.update(task_id, rate=f"{speed:.1f}" if speed else "-",
-                             tokens=f"{tokens:.0f}" if tokens else "-", eta=eta)
+                             tokens=f"{tokens:.0f}" if tokens else "-", eta=eta,
+                             elapsed=_clock(_job_seconds(job, rates)) if job.started_at else "-")
         if final:
             self.progress.stop_task(task_id)
 
 
+def _job_seconds(job: Job, rates: dict[str, Any] | None) -> float:
+    """The job's own running time (since it started), not this display's: the database's
+    clock when the view gives it, so a watcher's clock does not matter."""
+    if rates and rates.get("wall_seconds") is not None:
+        return rates["wall_seconds"]
+    end = job.finished_at or utcnow()
+    start = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
+    end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
+    return (end - start).total_seconds()
+
+
 def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
+    minutes, secs = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
@@ -135,6 +148,18 @@ def job_details(job: Job) -> Table:
     for name, value in fields:
         table.add_row(f"[bold]{name}", value)
     return table
+
+
+JOB_FIELDS = ("id", "kind", "model", "status", "total", "done", "failed", "priority", "params",
+              "meta", "idempotency_key", "created_at", "started_at", "finished_at",
+              "cancel_requested_at", "updated_at")
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """The job as plain JSON-ready data (``aigc status --json``): its columns, times in ISO 8601."""
+    document = {name: getattr(job, name) for name in JOB_FIELDS}
+    document["metadata"] = document.pop("meta")
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in document.items()}
 
 
 def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70) -> Table:

@@ -1,6 +1,6 @@
 """The queue contract between producer and workers: task name, queues, message shape, config.
 
-A message is ``generate_chunk(job_id, item_ids)``: ids only, never payloads. The SQL rows are
+A message is ``aigc.<kind>(job_id, item_ids, items=n)``: ids only, never payloads. The SQL rows are
 the truth; a lost or repeated message costs nothing but a re-enqueue or a skipped item.
 """
 
@@ -13,13 +13,20 @@ from urllib.parse import urlsplit
 from .enums import Kind
 from .settings import Settings
 
-TASK_GENERATE = "aigc.generate_chunk"
+# Messages sent before task names were per kind; workers still run them.
+LEGACY_TASK = "aigc.generate_chunk"
 MAX_PRIORITY = 9  # job priority 0..9, higher runs sooner
 
 
 def broker_priority(priority: int) -> int:
     """Kombu's Redis transport serves priority 0 first; our users say 9 for most urgent."""
     return MAX_PRIORITY - priority
+
+
+def task_name(kind: Kind | str) -> str:
+    """One fixed task name per kind (``aigc.article``): what Flower and Prometheus label
+    tasks with, so their series do not grow with every job (the job id is an argument)."""
+    return f"aigc.{Kind(kind).value}"
 
 
 def queue_name(kind: Kind | str) -> str:
@@ -57,6 +64,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "task_ignore_result": True,
         "task_acks_late": True,
+        "task_send_sent_event": True,  # Flower sees chunks while they wait in the queue
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": queue_name(Kind.article),

@@ -67,15 +67,20 @@ def read_jsonl(stream: BinaryIO | Iterable[bytes]) -> Iterator[tuple[int, Any]]:
             continue
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark, as editors write
         except UnicodeDecodeError as exc:
             yield number, Problem(number, "-", f"not valid UTF-8 (byte {exc.start})", "invalid_utf8")
             continue
         if not text.strip():
             continue
+        text = text.rstrip("\r\n")  # else an error at the end of the line reads "column 1"
         try:
             yield number, json.loads(text)
         except json.JSONDecodeError as exc:
-            yield number, Problem(number, "-", f"invalid JSON: {exc.msg} at column {exc.colno}",
+            where = "the end of the line" if exc.pos >= len(text) else f"column {exc.pos + 1}"
+            # Some messages end in "at" ("Unterminated string starting at"): no "at at".
+            yield number, Problem(number, "-", f"invalid JSON: {exc.msg.removesuffix(' at')} at {where}",
                                   "invalid_json")
         except RecursionError:
             yield number, Problem(number, "-", "invalid JSON: nested too deeply", "invalid_json")

@@ -12,15 +12,13 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from .enums import Kind
-
-BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "filesystem", "memory")
 
 # The model name that resolves to the small text model shipped inside the workers package: the
 # fallback where the pretrained one has not been fetched, and the model of fast tests.
@@ -46,14 +44,26 @@ def _default_models_dir() -> Path:
 class Settings(BaseSettings):
     """Everything configurable. Environment: ``AIGC_<FIELD>``, e.g. ``AIGC_BROKER_URL``."""
 
-    model_config = SettingsConfigDict(env_prefix="AIGC_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a rejected URL must not be echoed back, password and all.
+    model_config = SettingsConfigDict(env_prefix="AIGC_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     broker_url: str = Field(
         "redis://localhost:6379/0",
-        description="Celery broker. redis:// in production; filesystem:///DIR is the embedded one.",
+        description="Celery broker, any URL kombu accepts (redis://, rediss://, sentinel://, "
+        "amqp://, amqps://, ...); filesystem:///DIR is the embedded one. A password in it must "
+        "be percent-encoded; AIGC_BROKER_PASSWORD takes it unencoded.",
+    )
+    broker_password: SecretStr | None = Field(
+        None, description="The broker's password, as is (any printable characters): put into "
+        "AIGC_BROKER_URL percent-encoded, replacing a password there.",
     )
     database_url: str = Field(
-        "sqlite:///aigc.db", description="SQLAlchemy URL of the jobs/items/results tables."
+        "sqlite:///aigc.db", description="SQLAlchemy URL of the jobs/items/results tables. A "
+        "password in it must be percent-encoded; AIGC_DATABASE_PASSWORD takes it unencoded.",
+    )
+    database_password: SecretStr | None = Field(
+        None, description="The database's password, as is: put into AIGC_DATABASE_URL.",
     )
     text_model: str | None = Field(
         None,
@@ -99,7 +109,9 @@ class Settings(BaseSettings):
         "text", description="Worker logs: 'text' for people, 'json' for one JSON object per line."
     )
     lease_seconds: int = Field(
-        900, ge=1, description="How long a worker owns a claimed item before others may take it."
+        60, ge=1, description="How long a claimed item stays a worker's without news from it: the "
+        "worker renews the leases of its chunk every quarter of this (a heartbeat) while it "
+        "runs, so a chunk may take longer; a dead worker's items are free again within it.",
     )
     visibility_timeout: int | None = Field(
         None, ge=1, description="Seconds a Redis message may stay unacknowledged before the broker "
@@ -161,11 +173,22 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker(cls, value: str) -> str:
+        from kombu import Connection
+
+        for part in value.split(";"):  # sentinel:// lists several URLs
+            parts = urlsplit(part)
+            if "@" in part[len(parts.scheme) + 3 + len(parts.netloc):]:
+                raise ValueError("AIGC_BROKER_URL: the password must be percent-encoded (a '/', "
+                                 "'?', '#' or '@' in it ends the host part), or given unencoded "
+                                 "in AIGC_BROKER_PASSWORD")
         scheme = urlsplit(value).scheme
-        if scheme not in BROKER_SCHEMES:
-            raise ValueError(
-                f"AIGC_BROKER_URL scheme {scheme!r} is not supported; use one of {BROKER_SCHEMES}"
-            )
+        try:  # kombu decides which brokers exist (and whether their client library is here)
+            Connection(value).transport
+        except KeyError:
+            raise ValueError(f"AIGC_BROKER_URL: kombu has no {scheme!r} transport") from None
+        except Exception as exc:
+            raise ValueError(f"AIGC_BROKER_URL: kombu cannot use a {scheme!r} broker here, is "
+                             f"its client library installed? ({type(exc).__name__}: {exc})") from None
         return value
 
     @field_validator("database_url")
@@ -173,8 +196,9 @@ class Settings(BaseSettings):
     def _check_database(cls, value: str) -> str:
         try:
             url = make_url(value)
-        except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
-            raise ValueError(f"AIGC_DATABASE_URL is not a database URL: {exc}") from exc
+        except Exception:  # SQLAlchemy's message quotes the whole URL, password included
+            raise ValueError("AIGC_DATABASE_URL is not a database URL "
+                             "(dialect://user:password@host/database)") from None
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("AIGC_DATABASE_URL must be sqlite:// or postgresql://")
         if url.drivername == "postgresql+psycopg2":  # aigc ships psycopg 3, not psycopg2
@@ -218,17 +242,64 @@ class Settings(BaseSettings):
             raise ValueError("AIGC_MAX_BATCH_TOKENS must be at least AIGC_MAX_BATCH_ROWS")
         return self
 
+    @model_validator(mode="after")
+    def _merge_passwords(self) -> "Settings":
+        # Built from parts, so a password with '/', '+', '=', '@', ':' or '%' works as is.
+        if self.broker_password is not None:
+            password = self.broker_password.get_secret_value()
+            self.broker_url = ";".join(_with_password(part, password)
+                                       for part in self.broker_url.split(";"))
+        if self.database_password is not None:
+            self.database_url = make_url(self.database_url).set(
+                password=self.database_password.get_secret_value()).render_as_string(hide_password=False)
+        return self
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in ("broker_url", "database_url") else value
+
+
+class SettingsError(ValueError):
+    """The ``AIGC_*`` settings are invalid; the message names each variable, never its value."""
+
 
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings, built once from the environment."""
-    return Settings()
+    """The process-wide settings, built once from the environment.
+
+    Raises :class:`SettingsError`, one line per problem (``AIGC_NAME: message``).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False):
+            name = "AIGC_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(message if message.startswith(name) else f"{name}: {message}")
+        raise SettingsError("invalid settings: " + "; ".join(lines)) from None
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
 
 def redact_url(url: str) -> str:
-    """A URL safe to print: the password, if any, replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """A URL safe to print: its password replaced by ``***``.
+
+    Broker URLs go through kombu's sanitizer (each of a ``;``-separated list), database URLs
+    through SQLAlchemy's renderer; a URL neither can parse is not shown at all.
+    """
+    from kombu.transport import TRANSPORT_ALIASES
+    from kombu.utils.url import maybe_sanitize_url
+
+    scheme = url.partition("://")[0]
+    try:
+        if scheme.partition("+")[0].lower() in TRANSPORT_ALIASES and not scheme.startswith("sqla+"):
+            return ";".join(maybe_sanitize_url(part, mask="***") for part in url.split(";"))
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return f"{scheme}://(a URL that cannot be parsed; not shown)"

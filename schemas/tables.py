@@ -44,6 +44,9 @@ class Job(SQLModel, table=True):
     done: int = 0
     failed: int = 0
     priority: int = 0
+    # sha256 of the items as stored (custom_id and input, in order): an idempotency key reused
+    # with other items is refused. Null for jobs stored before migration 0004.
+    input_sha256: str | None = Field(default=None, max_length=64)
     meta: dict[str, Any] = Field(
         default_factory=dict, sa_column=Column("metadata", JSONType, nullable=False)
     )
@@ -92,6 +95,9 @@ class Result(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("job_id", "custom_id", name="uq_results_job_custom_id"),)
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    # Taken in the writing transaction from counters('results'), whose row lock is held until
+    # commit: rows become visible in seq order, so `WHERE seq > :last` never skips one.
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False, index=True, unique=True))
     job_id: str = Field(foreign_key="jobs.id", max_length=36)
     custom_id: str = Field(max_length=255)
     item_id: int = Field(sa_type=BigInteger, foreign_key="items.id")
@@ -126,7 +132,7 @@ class ChunkRun(SQLModel, table=True):
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
     job_id: str = Field(foreign_key="jobs.id", max_length=36, index=True)
-    worker: str = Field(max_length=255)
+    worker: str = Field(max_length=255, index=True)
     device: str | None = Field(default=None, max_length=64)
     items: int  # item ids in the message
     claimed: int  # of those, items this run claimed (the rest were finished or leased elsewhere)
@@ -157,3 +163,10 @@ class File(SQLModel, table=True):
     content: str | None = Field(default=None, max_length=16)  # output | error (of job_id)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     deleted_at: datetime | None = _ts()
+class Counter(SQLModel, table=True):
+    """Named counters taken under a row lock; 'results' numbers ``results.seq``."""
+
+    __tablename__ = "counters"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: int = Field(sa_type=BigInteger)

@@ -138,7 +138,7 @@ class WorkerProcess:
     """A real ``python -m workers`` subprocess with its own node name and log file."""
 
     def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None,
-                 stdout_path: Path | None = None):
+                 stdout_path: Path | None = None, extra_args: list[str] | None = None):
         """Its stderr and stdout go to ``log_path``; stdout to ``stdout_path`` instead if given."""
         self.settings = settings
         self.hostname = f"cpu-{uuid.uuid4().hex[:8]}@test"
@@ -146,7 +146,8 @@ class WorkerProcess:
         env = os.environ | settings_env(settings) | (extra_env or {})
         with open(log_path, "wb") as log, open(stdout_path or os.devnull, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--devices", "cpu", "--hostname", self.hostname],
+                [sys.executable, "-m", "workers", "--devices", "cpu", "--hostname", self.hostname,
+                 *(extra_args or [])],
                 env=env, stdout=out if stdout_path else log,
                 stderr=log if stdout_path else subprocess.STDOUT, cwd=REPO)
 

@@ -85,7 +85,7 @@ def test_a_default_budget_shrinks_to_fit_the_context(base_lm):
     room = base_lm.context - len(base_lm.encode([prompt])[0])
     out = run(base_lm, [TextRequest(0, prompt, GenerationParams(max_new_tokens=100), 0, fit=True)])[0]
 
-    assert out.error_code is None and out.max_new_tokens == room and 0 < out.output_tokens <= room
+    assert out.error_code is None and out.params.max_new_tokens == room and 0 < out.output_tokens <= room
 
 
 def test_rows_with_different_limits_share_a_batch_and_keep_their_own(base_lm):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,13 +66,32 @@ def fleet_settings(redis_url, sqlite_url, tiny_model):
     return Settings(broker_url=redis_url, database_url=sqlite_url, text_model=str(tiny_model))
 
 
+# This CPU host pretends to have two GPUs (tests/fake_cuda): the launcher's code runs as is.
+FAKE_GPUS = {"PYTHONPATH": f"{REPO / 'tests' / 'fake_cuda'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.mark.parametrize("gpus,devices,message", [
+    ("0", "0,1", "GPU 0, 1 does not exist: this host has no CUDA device; use --devices cpu"),
+    ("2", "1,2", "GPU 2 does not exist: this host has GPUs 0-1"),
+    ("0", "0", "GPU 0 is not available here"),
+    ("1", "1", "GPU 1 is not available here"),
+])
+def test_a_gpu_that_does_not_exist_is_a_startup_error(fleet_settings, gpus, devices, message):
+    env = os.environ | settings_env(fleet_settings) | FAKE_GPUS | {"AIGC_TEST_FAKE_GPUS": gpus}
+    started = subprocess.run([sys.executable, "-m", "workers", "--devices", devices, "--no-preload"],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert started.returncode != 0
+    assert message in " ".join(started.stderr.replace("│", " ").split()), started.stderr
+    assert "Traceback" not in started.stderr
+
+
 def test_one_pinned_process_per_device_restarted_when_it_dies(fleet_settings, tmp_path):
     tag = uuid.uuid4().hex[:6]
     log = open(tmp_path / "fleet.log", "wb")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "workers", "--devices", "0,1", "--hostname", f"{{device}}-{tag}@test",
-         "--no-preload"], env=os.environ | settings_env(fleet_settings), cwd=REPO, stdout=log,
-        stderr=subprocess.STDOUT)
+         "--no-preload"], env=os.environ | settings_env(fleet_settings) | FAKE_GPUS | {"AIGC_TEST_FAKE_GPUS": "2"},
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     app = Celery(set_as_current=False)
     app.conf.update(celery_config(fleet_settings))
     names = [f"gpu0-{tag}@test", f"gpu1-{tag}@test"]
@@ -112,6 +133,51 @@ def test_a_busy_worker_answers_ping(fleet_settings, tmp_path):
         active = app.control.inspect(destination=[worker.hostname], timeout=2).active()
         assert api.status(job_id, settings=settings).status == "running"  # still busy
         assert answered == [{worker.hostname: {"ok": "pong"}}]
-        assert [t["name"] for t in active[worker.hostname]] == [f"aigc.article job={job_id} items=40"]
+        assert [(t["name"], t["args"][0], t["kwargs"]) for t in active[worker.hostname]] == \
+            [("aigc.article", job_id, {"items": 40})]
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pool", "prefork"], "--pool is not supported: the pool is always threads"),
+    (["-c", "4"], "one chunk at a time per process"),
+    (["--autoscale", "4,1"], "--autoscale is not supported"),
+    (["--frobnicate"], "no such option: --frobnicate"),
+    (["-Q", "poems"], "unknown queue(s) poems"),
+])
+def test_worker_options_that_do_not_fit_are_refused_with_a_reason(args, message):
+    refused = subprocess.run([sys.executable, "-m", "producer.cli", "worker", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert message in " ".join(refused.stderr.replace("│", " ").split()), refused.stderr
+
+
+def test_worker_help_is_real_and_celery_options_pass_through(fleet_settings, tmp_path):
+    shown = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, env=os.environ | {"COLUMNS": "200"})
+    assert shown.returncode == 0
+    for option in ("--devices", "--queues", "-Q", "--hostname", "--loglevel", "--concurrency",
+                   "--no-preload", "--heartbeat-interval", "--pool"):
+        assert option in shown.stdout, option
+    from conftest import WorkerProcess
+
+    worker = WorkerProcess(fleet_settings, tmp_path / "worker.log", extra_args=[
+        "-l", "DEBUG", "-Q", "article", "-c", "1", "--heartbeat-interval", "3", "--pidfile", str(tmp_path / "w.pid")])
+    try:
+        worker.wait_ready()
+        app = Celery(set_as_current=False)
+        app.conf.update(celery_config(fleet_settings))
+        queues = app.control.inspect(destination=[worker.hostname], timeout=2).active_queues()
+        assert [q["name"] for q in queues[worker.hostname]] == ["article"]
+        assert int((tmp_path / "w.pid").read_text()) == worker.process.pid  # Celery's own option
+        assert " DEBUG " in worker.log()
+        env = os.environ | settings_env(fleet_settings)
+        ping = [sys.executable, "-m", "producer.cli", "ping", "--timeout", "3"]
+        alive = subprocess.run([*ping, worker.hostname], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        silent = subprocess.run([*ping, "nobody@%h", "--json"], env=env, cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert (alive.returncode, alive.stdout) == (0, f"{worker.hostname}: ok\n")  # the healthcheck
+        assert silent.returncode == 1 and json.loads(silent.stdout) == {f"nobody@{socket.gethostname()}": False}
     finally:
         worker.stop()

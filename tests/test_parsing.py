@@ -79,3 +79,10 @@ def test_python_objects_are_numbered_by_position():
 def test_item_json_round_trips_through_storage():
     (item,) = [o for o in validate_items("article", [{"topic": "é ✓", "params": {"seed": 3}}])]
     assert json.loads(json.dumps(item.input))["params"] == {"seed": 3}
+
+
+def test_a_utf8_bom_is_accepted_and_json_errors_say_where():
+    items, problems = check("article", b'\xef\xbb\xbf{"topic": "bees"}\n{"topic": "x\n{"topic": \n')
+    assert [i.input["topic"] for i in items] == ["bees"]
+    assert problems == ["2:-: invalid JSON: Unterminated string starting at column 11",
+                        "3:-: invalid JSON: Expecting value at the end of the line"]

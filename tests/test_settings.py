@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from schemas.settings import Settings, redact_url
+from schemas.settings import Settings, SettingsError, get_settings, redact_url
+
+# What base64-generated secrets look like, plus the characters URLs care about.
+NASTY = 'a/b+c=d@e:f%g"h\'i j\\k#l?m'
 
 
 def test_environment_overrides_defaults(monkeypatch):
@@ -19,7 +22,9 @@ def test_environment_overrides_defaults(monkeypatch):
 
 
 @pytest.mark.parametrize("variable,value,message", [
-    ("AIGC_BROKER_URL", "kafka://x", "AIGC_BROKER_URL scheme 'kafka'"),
+    ("AIGC_BROKER_URL", "nope://x", "AIGC_BROKER_URL: kombu has no 'nope' transport"),
+    ("AIGC_BROKER_URL", "sqs://", "kombu cannot use a 'sqs' broker here, is its client library installed"),
+    ("AIGC_BROKER_URL", "redis://:a/b+c=@redis:6379/0", "AIGC_BROKER_URL: the password must be percent-encoded"),
     ("AIGC_DATABASE_URL", "not a url", "AIGC_DATABASE_URL is not a database URL"),
     ("AIGC_DATABASE_URL", "mysql://x/y", "must be sqlite:// or postgresql://"),
     ("AIGC_MAX_BATCH_ROWS", "0", "max_batch_rows"),
@@ -31,10 +36,59 @@ def test_bad_values_fail_naming_the_variable(monkeypatch, variable, value, messa
         Settings()
 
 
-def test_passwords_are_redacted():
+@pytest.mark.parametrize("url", ["amqps://u:p@rabbit:5671//", "rediss://:p@cache:6380/0",
+                                 "sentinel://:p@s1:26379;sentinel://:p@s2:26379",
+                                 "redis+socket:///run/redis.sock", "amqp://guest:guest@127.0.0.1:5672//",
+                                 "filesystem:///tmp/broker", "sqla+sqlite:///broker.db"])
+def test_any_broker_kombu_accepts_is_accepted(url):
+    assert Settings(broker_url=url).broker_url == url
+
+
+def test_a_bad_setting_never_echoes_its_password(monkeypatch):
+    monkeypatch.setenv("AIGC_DATABASE_URL", "mysql://app:LeakMe-4242@db/app")
+    monkeypatch.setenv("AIGC_BROKER_URL", "redis://:Leak/Me+4242=@redis:6379/0")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert "LeakMe" not in str(raised.value) and "Leak/Me" not in str(raised.value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SettingsError) as clean:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    message = str(clean.value)
+    assert "AIGC_DATABASE_URL must be sqlite:// or postgresql://" in message
+    assert "AIGC_BROKER_URL: the password must be percent-encoded" in message
+    assert "\n" not in message and "Leak" not in message
+
+
+def test_any_printable_password_works_given_apart_or_percent_encoded():
+    from urllib.parse import quote
+
+    from kombu import Connection
+    from sqlalchemy.engine import make_url
+
+    apart = Settings(broker_url="redis://redis:6379/0", broker_password=NASTY,
+                     database_url="postgresql://aigc@postgres/aigc", database_password=NASTY)
+    encoded = Settings(broker_url=f"redis://:{quote(NASTY, safe='')}@redis:6379/0",
+                       database_url=f"postgresql://aigc:{quote(NASTY, safe='')}@postgres/aigc")
+    for settings in (apart, encoded):
+        connection = Connection(settings.broker_url)
+        assert (connection.password, connection.hostname, connection.port) == (NASTY, "redis", 6379)
+        url = make_url(settings.database_url)
+        assert (url.password, url.host, url.database) == (NASTY, "postgres", "aigc")
+        assert NASTY not in repr(settings) and quote(NASTY, safe="") not in repr(settings)
+    rebuilt = Settings(**{k.removeprefix("AIGC_").lower(): v for k, v in apart.to_env().items()})
+    assert rebuilt == apart  # merging the password again changes nothing
+
+
+def test_passwords_are_redacted_by_kombu_and_sqlalchemy():
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("postgresql+psycopg://u:pw@db/x") == "postgresql+psycopg://u:***@db/x"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    assert redact_url("sentinel://:pw1@a:26379;sentinel://:pw2@b:26379") == \
+        "sentinel://:***@a:26379/;sentinel://:***@b:26379/"
+    assert "Me" not in redact_url("redis://:Leak/Me@host:6379/0")  # unparseable: not shown
 
 
 def test_to_env_rebuilds_the_same_settings(monkeypatch):

@@ -70,6 +70,7 @@ def test_shipped_tokenizer_round_trips(shipped, text):
     assert tokenizer.decode(ids) == text
 
 
+@pytest.mark.integration  # trains for a few seconds
 def test_training_script_loss_falls_and_output_loads(tmp_path):
     out = tmp_path / "tiny"
     tiny = "--max-chars 60000 --vocab-size 300 --n-layer 1 --n-embd 32 --n-head 2 --n-ctx 64 --batch-size 8"

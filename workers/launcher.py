@@ -45,6 +45,17 @@ def parse_devices(spec: str) -> list[str]:
     return devices
 
 
+def check_devices(devices: list[str]) -> None:
+    """Raise ValueError naming the GPU indices this host does not have (counted in a child)."""
+    if devices == ["cpu"]:
+        return
+    count = count_gpus()
+    missing = [d for d in devices if int(d) >= count]
+    if missing:
+        have = f"GPUs 0-{count - 1}" if count else "no CUDA device; use --devices cpu"
+        raise ValueError(f"GPU {', '.join(missing)} does not exist: this host has {have}")
+
+
 def device_name(device: str) -> str:
     return "cpu" if device == "cpu" else f"gpu{device}"
 

@@ -67,7 +67,7 @@ class TextOutput:
     error_code: str | None = None
     error_message: str | None = None
     finish_reason: str | None = None  # "stop" (end of text, a stop string) or "length"
-    max_new_tokens: int | None = None  # what the row ran with (lowered to fit, when allowed)
+    params: GenerationParams | None = None  # what the row ran with (limit lowered to fit, stop added)
 
 
 def resolve_model(ref: str, *, allow_downloads: bool = False, models_dir: Path | None = None) -> str:
@@ -268,7 +268,7 @@ class CausalLM:
             request.key, None, prompt_tokens, 0, 0.0, "max_new_tokens_too_large",
             f"max_new_tokens={wanted} does not fit: the prompt is {prompt_tokens} tokens and the "
             f"model's context is {self.context}, which leaves {room}; lower max_new_tokens "
-            f"to at most {room} (or shorten the prompt)", max_new_tokens=wanted)
+            f"to at most {room} (or shorten the prompt)", params=request.params)
 
     def _run_adaptive(self, requests: list[TextRequest], ids: list[list[int]]) -> Iterator[list[TextOutput]]:
         """Run a batch; on out-of-memory halve it, retry, and remember the smaller size.
@@ -338,7 +338,7 @@ class CausalLM:
             n_out = len(self.encode([text])[0]) if text else 0
         reason = "stop" if ended or n_out < params.max_new_tokens else "length"
         return TextOutput(request.key, text, len(prompt), n_out, latency_ms,
-                          finish_reason=reason, max_new_tokens=params.max_new_tokens)
+                          finish_reason=reason, params=params)
 
 
 def flatten_messages(messages: Sequence[dict[str, Any]]) -> str:

@@ -14,7 +14,7 @@ import logging
 import os
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from sqlalchemy.engine import make_url
 
@@ -26,10 +26,13 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """The passwords in the settings, as written and URL-decoded; too short ones are skipped."""
-    found = [urlsplit(settings.broker_url).password, make_url(settings.database_url).password]
-    if settings.flower_password is not None:
-        found.append(settings.flower_password.get_secret_value())
+    """The passwords in the settings, as given, as written in URLs and URL-decoded; too short
+    ones are skipped."""
+    found = [urlsplit(part).password for part in settings.broker_url.split(";")]
+    found += [urlsplit(settings.database_url).password, make_url(settings.database_url).password]
+    for secret in (settings.flower_password, settings.broker_password, settings.database_password):
+        if secret is not None:
+            found += [secret.get_secret_value(), quote(secret.get_secret_value(), safe="")]
     values = {v for s in found if s for v in (s, unquote(s))}
     return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -11,7 +12,6 @@ from typing import Any
 from schemas.db import get_engine
 from schemas.enums import ItemStatus, JobStatus
 from schemas.settings import Settings
-from schemas.tables import utcnow
 
 from . import store
 from .errors import PermanentError, TransientError
@@ -28,7 +28,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     and is raised for the task to retry, unless this is the ``last_attempt``: then they are
     recorded as errors so the job can finish.
     """
-    started, started_at = time.monotonic(), utcnow()
+    started = time.monotonic()
     engine = get_engine(settings.database_url)
     store.outage_seconds = settings.db_outage_seconds
     owner = f"{worker}/{os.getpid()}"
@@ -43,7 +43,10 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     if not items:
         return {"job_id": job_id, "claimed": 0}
     store.mark_running(engine=engine, job_id=job_id)
-    writer = _Writer(engine, job_id, worker, owner)
+    run_id = store.start_chunk_run(engine=engine, run={
+        "job_id": job_id, "worker": worker, "items": len(item_ids), "claimed": len(claimed)})
+    writer = _Writer(engine, job_id, worker, owner, run_id, started)
+    heartbeat = _Heartbeat(engine, [item.id for item in claimed], owner, settings.lease_seconds)
     try:
         poison = [item for item in items if item.attempts > settings.max_attempts]
         if poison:
@@ -58,9 +61,12 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         elif items:
             items = _generate(job, items, writer, engine, settings, last_attempt)
     finally:
-        done, failed = writer.close()
+        try:
+            done, failed = writer.close()
+        finally:
+            heartbeat.stop()
         duration_ms = (time.monotonic() - started) * 1000
-        _record_run(engine, writer.run_row(len(item_ids), len(claimed), started_at, duration_ms))
+        _end_run(engine, run_id, job_id, duration_ms)
     if items and store.job_status(engine=engine, job_id=job_id) == JobStatus.cancelling:
         store.release(engine=engine, item_ids=[item.id for item in items], owner=owner,
                       to=ItemStatus.cancelled)
@@ -133,13 +139,14 @@ class _Writer:
     is generated. An error in writing surfaces at the next ``submit``/``flush``/``close``.
     """
 
-    def __init__(self, engine: Any, job_id: str, worker: str, owner: str):
+    def __init__(self, engine: Any, job_id: str, worker: str, owner: str, run_id: int,
+                 started: float):
         self.engine, self.job_id = engine, job_id
         self.worker, self.owner = worker, owner
+        self.run_id, self.started = run_id, started
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aigc-writer")
         self.pending: Future | None = None
         self.done = self.failed = 0
-        self.prompt_tokens = self.output_tokens = self.artifacts = 0
         self.device: str | None = None
 
     def flush(self) -> None:
@@ -148,13 +155,14 @@ class _Writer:
             self.done, self.failed, self.pending = self.done + d, self.failed + f, None
 
     def submit(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:  # what this run produced, for its chunk_runs row
-            self.prompt_tokens += row.get("prompt_tokens") or 0
-            self.output_tokens += row.get("output_tokens") or 0
-            self.artifacts += len(row.get("artifact_uris") or ())
-            self.device = self.device or row.get("device")
+        self.device = self.device or next((row.get("device") for row in rows if row.get("device")), None)
         self.flush()
-        self.pending = self.pool.submit(_record, self.engine, self.job_id, rows, self.worker, self.owner)
+        self.pending = self.pool.submit(self._record, [{"worker": self.worker, **row} for row in rows])
+
+    def _record(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+        run = {"id": self.run_id, "duration_ms": (time.monotonic() - self.started) * 1000}
+        return store.write_results(engine=self.engine, job_id=self.job_id, rows=rows,
+                                   owner=self.owner, run=run)
 
     def close(self) -> tuple[int, int]:
         try:
@@ -163,23 +171,41 @@ class _Writer:
             self.pool.shutdown(wait=True)
         return self.done, self.failed
 
-    def run_row(self, items: int, claimed: int, started_at: Any, duration_ms: float) -> dict[str, Any]:
-        return {"job_id": self.job_id, "worker": self.worker, "device": self.device, "items": items,
-                "claimed": claimed, "done": self.done, "failed": self.failed,
-                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
-                "artifacts": self.artifacts, "started_at": started_at, "finished_at": utcnow(),
-                "duration_ms": duration_ms}
 
 
-def _record_run(engine: Any, run: dict[str, Any]) -> None:
-    # Statistics only: the results are already committed, so failing the chunk here (and
-    # retrying it) would change nothing but the log.
+class _Heartbeat:
+    """Renews the leases of a chunk's items while it runs, every quarter of the lease.
+
+    So a lease can be short (a dead worker's items are free again soon) while a live worker
+    keeps its items however long the chunk takes. A failed renewal is logged and tried again
+    at the next beat; the results' upsert keeps an item single even if a lease lapses.
+    """
+
+    def __init__(self, engine: Any, item_ids: list[int], owner: str, lease_seconds: float):
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="aigc-heartbeat", daemon=True,
+                                       args=(engine, item_ids, owner, lease_seconds))
+        self.thread.start()
+
+    def _beat(self, engine: Any, item_ids: list[int], owner: str, lease_seconds: float) -> None:
+        every = max(lease_seconds / 4, 0.1)
+        while not self.stopped.wait(every):
+            try:
+                store.renew_leases(engine=engine, item_ids=item_ids, owner=owner,
+                                   lease_seconds=lease_seconds)
+            except Exception as exc:
+                log.warning("leases of %d item(s) not renewed (%s); trying again in %.1f s",
+                            len(item_ids), type(exc).__name__, every)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def _end_run(engine: Any, run_id: int, job_id: str, duration_ms: float) -> None:
+    # Statistics only: the results and their counts are committed already, so failing the
+    # chunk here (and retrying it) would change nothing but the log.
     try:
-        store.record_chunk_run(engine=engine, run=run)
+        store.end_chunk_run(engine=engine, run_id=run_id, duration_ms=duration_ms)
     except Exception:
-        log.exception("job %s: chunk_runs row not written", run["job_id"])
-
-
-def _record(engine: Any, job_id: str, rows: list[dict[str, Any]], worker: str, owner: str) -> tuple[int, int]:
-    rows = [{"worker": worker, **row} for row in rows]
-    return store.write_results(engine=engine, job_id=job_id, rows=rows, owner=owner)
+        log.exception("job %s: chunk_runs row %s not closed", job_id, run_id)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, and_, case, exists, insert, or_, select, update
+from sqlalchemy import Engine, and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schemas import lifecycle
 from schemas.enums import ItemStatus, JobStatus
-from schemas.tables import ChunkRun, Item, Job, Result, utcnow
+from schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
 
 from .errors import DatabaseUnavailable
 
@@ -141,33 +141,69 @@ def _insert_ignoring_duplicates(engine: Engine):
 
 
 @ride_out
-def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], owner: str) -> tuple[int, int]:
+def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], owner: str,
+                  run: dict[str, Any] | None = None) -> tuple[int, int]:
     """Upsert result rows, finish their items, bump the job's counts; one transaction.
 
     Only items this ``owner`` still holds are counted, so a redelivered or duplicated chunk
-    cannot count an item twice. Returns ``(done, failed)`` as counted.
+    cannot count an item twice. With ``run`` (``{"id", "duration_ms"}``), the chunk run's
+    ``chunk_runs`` row takes what was counted in the same transaction, so a run killed later
+    still accounts for every row it committed. Returns ``(done, failed)`` as counted.
     """
     now = utcnow()
-    rows = [{**_NULLABLE_RESULT_COLUMNS, "created_at": now, **row} for row in rows]
-    counted = {}
+    counted: dict[str, list[int]] = {}
     with engine.begin() as connection:
+        # The counter's row lock is held until this transaction commits: rows become visible in
+        # seq order, which is what lets readers page with `seq > :last` (docs/results-table.md).
+        last = connection.execute(update(Counter).where(Counter.name == "results")
+                                  .values(value=Counter.value + len(rows))
+                                  .returning(Counter.value)).scalar_one()
+        rows = [{**_NULLABLE_RESULT_COLUMNS, "created_at": now, **row, "seq": last - len(rows) + i + 1}
+                for i, row in enumerate(rows)]
         connection.execute(_insert_ignoring_duplicates(engine), rows)
         for status in (ItemStatus.done, ItemStatus.error):
             ids = [r["item_id"] for r in rows if (r["error_code"] is None) == (status == ItemStatus.done)]
-            counted[status] = 0
+            counted[status] = []
             if ids:
-                counted[status] = connection.execute(
+                counted[status] = list(connection.execute(
                     update(Item)
                     .where(Item.id.in_(ids), Item.status == ItemStatus.leased, Item.lease_owner == owner)
                     .values(status=status, lease_expires_at=None, updated_at=now)
-                ).rowcount
-        if counted[ItemStatus.done] or counted[ItemStatus.error]:
+                    .returning(Item.id)
+                ).scalars())
+        done, failed = len(counted[ItemStatus.done]), len(counted[ItemStatus.error])
+        if done or failed:
             connection.execute(
                 update(Job).where(Job.id == job_id)
-                .values(done=Job.done + counted[ItemStatus.done],
-                        failed=Job.failed + counted[ItemStatus.error], updated_at=now)
+                .values(done=Job.done + done, failed=Job.failed + failed, updated_at=now)
             )
-    return counted[ItemStatus.done], counted[ItemStatus.error]
+        if run is not None:
+            mine = set(counted[ItemStatus.done]) | set(counted[ItemStatus.error])
+            mine_rows = [r for r in rows if r["item_id"] in mine]
+            connection.execute(
+                update(ChunkRun).where(ChunkRun.id == run["id"]).values(
+                    done=ChunkRun.done + done, failed=ChunkRun.failed + failed,
+                    prompt_tokens=ChunkRun.prompt_tokens + sum(r["prompt_tokens"] or 0 for r in mine_rows),
+                    output_tokens=ChunkRun.output_tokens + sum(r["output_tokens"] or 0 for r in mine_rows),
+                    artifacts=ChunkRun.artifacts + sum(len(r["artifact_uris"] or ()) for r in mine_rows),
+                    device=func.coalesce(ChunkRun.device, next((r.get("device") for r in mine_rows
+                                                                 if r.get("device")), None)),
+                    finished_at=now, duration_ms=run["duration_ms"]))
+    return done, failed
+
+
+def renew_leases(*, engine: Engine, item_ids: list[int], owner: str, lease_seconds: float) -> int:
+    """The heartbeat: push back the lease of those items this owner still holds; how many.
+
+    Not retried through an outage: a missed beat is tried again at the next one."""
+    if not item_ids:
+        return 0
+    with engine.begin() as connection:
+        return connection.execute(
+            update(Item).where(Item.id.in_(item_ids), Item.status == ItemStatus.leased,
+                               Item.lease_owner == owner)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        ).rowcount
 
 
 @ride_out
@@ -226,7 +262,21 @@ def finish_cancel(*, engine: Engine, job_id: str) -> bool:
 
 
 @ride_out
-def record_chunk_run(*, engine: Engine, run: dict[str, Any]) -> None:
-    """Insert one ``chunk_runs`` row: what a chunk run did and how long it took."""
+def start_chunk_run(*, engine: Engine, run: dict[str, Any]) -> int:
+    """Insert the ``chunk_runs`` row of a run that claimed items (counts at 0); its id.
+
+    :func:`write_results` adds to it as batches commit; :func:`end_chunk_run` closes it.
+    """
+    now = utcnow()
+    row = {"done": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "artifacts": 0,
+           "started_at": now, "finished_at": now, "duration_ms": 0.0, **run}
     with engine.begin() as connection:
-        connection.execute(insert(ChunkRun), [run])
+        return connection.execute(insert(ChunkRun).values(**row).returning(ChunkRun.id)).scalar_one()
+
+
+@ride_out
+def end_chunk_run(*, engine: Engine, run_id: int, duration_ms: float) -> None:
+    """The run is over: its busy time runs to now."""
+    with engine.begin() as connection:
+        connection.execute(update(ChunkRun).where(ChunkRun.id == run_id)
+                           .values(finished_at=utcnow(), duration_ms=duration_ms))

@@ -91,8 +91,7 @@ class TextBackend:
 
     def _row(self, job: Any, plan: _Plan) -> dict[str, Any]:
         outputs = sorted(plan.outputs, key=lambda o: o.key)
-        used = plan.params.model_copy(update={"max_new_tokens": max(
-            o.max_new_tokens or plan.params.max_new_tokens for o in outputs)})
+        used = max((o.params or plan.params for o in outputs), key=lambda p: p.max_new_tokens)
         item = plan.item
         row = {
             "job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API: batch columns on jobs, and the files table
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-25
 
 A batch made through ``aigc serve`` is a job: these columns say who made it (the API key's
@@ -15,7 +15,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
