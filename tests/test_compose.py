@@ -53,7 +53,9 @@ def compose_config(**env: str) -> dict:
                                                           for k, v in d.items()})
 
 
-SECRETS = {"REDIS_PASSWORD": NASTY, "POSTGRES_PASSWORD": NASTY[::-1], "AIGC_FLOWER_PASSWORD": "fl-" + NASTY}
+API_KEYS = "ops:" + "0" * 64  # NAME:SHA256HEX, as `aigc keys new` prints one
+SECRETS = {"REDIS_PASSWORD": NASTY, "POSTGRES_PASSWORD": NASTY[::-1], "AIGC_FLOWER_PASSWORD": "fl-" + NASTY,
+           "AIGC_API_KEYS": API_KEYS}
 
 
 def test_compose_validates_and_any_password_reaches_every_service_intact():
@@ -71,8 +73,14 @@ def test_compose_validates_and_any_password_reaches_every_service_intact():
         assert NASTY not in settings.broker_url  # percent-encoded in the URL the project builds
     assert config["services"]["redis"]["environment"]["REDIS_PASSWORD"] == NASTY
     missing = subprocess.run([tool("docker-compose"), "-f", str(REPO / "compose.yaml"), "config"], cwd=REPO,
-                             env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60)
+                             env={"PATH": os.environ["PATH"], "AIGC_API_KEYS": API_KEYS},
+                             capture_output=True, text=True, timeout=60)
     assert re.search(r"required variable [A-Z_]+_PASSWORD is missing a value", missing.stderr), missing.stderr
+    keyless = subprocess.run([tool("docker-compose"), "-f", str(REPO / "compose.yaml"), "config"], cwd=REPO,
+                             env={"PATH": os.environ["PATH"], **{k: v for k, v in SECRETS.items()
+                                                                 if k != "AIGC_API_KEYS"}},
+                             capture_output=True, text=True, timeout=60)
+    assert "required variable AIGC_API_KEYS is missing a value" in keyless.stderr, keyless.stderr
 
 
 def test_no_password_on_any_command_line():
@@ -133,9 +141,11 @@ def test_workers_and_sweeper_are_healthchecked_named_stably_and_given_time_to_fi
     assert "healthcheck" in config["services"]["sweeper"]
 
 
-def test_flower_is_published_on_loopback_only():
-    (port,) = compose_config(**SECRETS)["services"]["flower"]["ports"]
-    assert port["host_ip"] == "127.0.0.1" and port["target"] == 5555
+def test_flower_and_the_api_are_published_on_loopback_only():
+    config = compose_config(**SECRETS)
+    for name, target in (("flower", 5555), ("api", 8000)):
+        (port,) = config["services"][name]["ports"]
+        assert port["host_ip"] == "127.0.0.1" and port["target"] == target
 
 
 def test_the_dockerfile_passes_hadolint_and_builds_a_sensible_image():
