@@ -149,6 +149,10 @@ def test_keys_owners_and_404s(served):
                                          completion_window="24h", extra_headers={"Idempotency-Key": "k-1"})
                     for _ in range(2))
     assert first.id == retry.id  # a retried create returns the batch it made
+    with pytest.raises(openai.BadRequestError, match="different items"):  # not a retry: refused
+        alice.batches.create(input_file_id=upload(alice, [chat_line("c", max_tokens=3)]).id,
+                             endpoint="/v1/chat/completions", completion_window="24h",
+                             extra_headers={"Idempotency-Key": "k-1"})
 
 
 def test_a_file_with_bad_lines_fails_the_batch_naming_them(served):

@@ -187,6 +187,8 @@ def create_batch(request: Request, spec: BatchCreate, owner: Caller,
             job_id = api.submit_records(kind, reader(stream, kind, endpoint=spec.endpoint),
                                         metadata=spec.metadata, idempotency_key=key,
                                         job_fields=fields, settings=state.settings)
+    except api.IdempotencyConflictError as exc:  # the key made another batch (not a retry)
+        raise APIError(400, str(exc), code="idempotency_key_reused") from None
     except InputError as exc:
         job_id = _failed_batch(state, kind, exc, fields, spec.metadata)
     except DispatchError as exc:  # stored: the sweeper (or `aigc resume`) sends it later
