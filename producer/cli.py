@@ -223,7 +223,7 @@ def results(
     if binary and not output:
         raise _fail(f"--format {format} needs --output FILE", 2)
     try:
-        job = api.status(job_id)
+        api.status(job_id)
     except LookupError as exc:
         raise _fail(str(exc), 1)
     openai = format == "openai"

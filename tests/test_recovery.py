@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
 
 import pytest
 import redis
@@ -17,7 +16,7 @@ from producer import api, control
 from schemas.db import get_engine
 from schemas.dispatch import queue_name
 from schemas.settings import Settings
-from schemas.tables import Item, Job, utcnow
+from schemas.tables import Job, utcnow
 from workers import store
 
 from conftest import REPO, WorkerProcess, plain_rows

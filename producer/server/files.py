@@ -26,7 +26,7 @@ from .. import api
 from ..export import openai_line
 from .auth import caller
 from .errors import APIError, not_found
-from .uploads import DRAIN_BYTES, FileStore, receive
+from .uploads import DRAIN_BYTES, receive
 
 router = APIRouter()
 Caller = Annotated[str, Depends(caller)]
