@@ -146,8 +146,9 @@ def run_demo(*, timeout: float = 600, console: Console | None = None) -> int:
         with JobProgress(console) as progress:
             while True:
                 states = [api.status(job_id, settings=settings) for job_id in jobs]
+                rates = api.throughput(jobs, settings=settings)  # items/s and tokens/s from SQL
                 for job in states:
-                    progress.update(job)
+                    progress.update(job, rates.get(job.id))
                 if all(JobStatus(job.status).is_terminal for job in states):
                     break
                 if worker.poll() is not None:
