@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         0, ge=0, description="Memory for warm models per worker process, in MiB; the least "
         "recently used are dropped beyond it. 0: half the GPU's memory, or a quarter of RAM.",
     )
+    text_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="Numbers text models compute in: 'int8' (Linear layers quantized "
+        "dynamically, CPU only), 'fp32', 'bf16', 'fp16'; 'auto' is int8 on CPU (about 3x fp32 "
+        "there, quality within 0.05: docs/benchmarks.md) and bf16 (fp16 where unsupported) on GPUs.",
+    )
     torch_threads: int = Field(
         0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
     )
