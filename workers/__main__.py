@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 
 from schemas.enums import Kind
 
@@ -69,14 +70,13 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger("aigc.worker").warning(
                 "pinned to GPU %s but CUDA is not available here: running on the CPU", devices[0])
     if not args.no_preload:
-        from .registry import get_generator
-
-        consumed = [Kind(q) for q in args.queues.split(",") if q in Kind.__members__]
-        for kind in consumed:  # article and ad_copy share one warm model
-            try:
-                get_generator(kind, settings.default_model(kind), settings)
-            except Exception as exc:  # jobs naming other models can still run
-                logging.getLogger("aigc.worker").warning("default %s model not loaded: %s", kind, exc)
+        # Loaded on a thread that then ends, so the main thread never starts an OpenMP pool:
+        # with two live pools (main + the task thread) libgomp counts more threads than cores
+        # and stops spin-waiting between parallel regions, which made CPU decoding in the task
+        # thread about 40% slower (docs/benchmarks.md, issue #16).
+        loader = threading.Thread(target=_preload, args=(args.queues, settings), name="aigc-preload")
+        loader.start()
+        loader.join()
     from .app import app
 
     logs.keep_for_celery(app)
@@ -87,6 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     app.worker_main([*quiet, "worker", "--pool=threads", "--concurrency=1", f"--hostname={hostname}",
                      f"--queues={args.queues}", f"--loglevel={args.loglevel}",
                      "--without-gossip", "--without-mingle"])
+
+
+def _preload(queues: str, settings) -> None:
+    """Load the default model of each consumed kind (article and ad_copy share one)."""
+    from .registry import get_generator
+
+    for kind in [Kind(q) for q in queues.split(",") if q in Kind.__members__]:
+        try:
+            get_generator(kind, settings.default_model(kind), settings)
+        except Exception as exc:  # jobs naming other models can still run
+            logging.getLogger("aigc.worker").warning("default %s model not loaded: %s", kind, exc)
 
 
 def _is_devices_arg(argv: list[str], i: int) -> bool:
