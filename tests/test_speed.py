@@ -12,7 +12,7 @@ from schemas.settings import Settings
 from schemas.specs import GenerationParams
 from workers.decode import DecodeStats, GrowingLayer, decode, new_cache
 from workers.lm import CausalLM, TextRequest
-from workers.precision import PrecisionError, RowScaledInt8Linear, resolve_precision
+from workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, resolve_precision
 
 from conftest import WorkerProcess
 
@@ -73,7 +73,8 @@ def test_the_int8_kernel_quantizes_each_row_on_its_own():
 
 def test_precision_names_and_devices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu) == "int8" and resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == ("bf16" if has_native_bf16() else "int8")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cuda) in ("bf16", "fp16")
     with pytest.raises(PrecisionError, match="CPU only"):
         resolve_precision("int8", cuda)
     with pytest.raises(PrecisionError, match="unknown"):
@@ -119,9 +120,9 @@ def test_the_growing_cache_holds_what_was_written():
 
 
 @pytest.mark.integration
-def test_the_worker_runs_int8_on_cpu_and_says_so(redis_url, sqlite_url, tiny_model, tmp_path):
+def test_the_worker_runs_int8_and_says_so(redis_url, sqlite_url, tiny_model, tmp_path):
     settings = Settings(broker_url=redis_url, database_url=sqlite_url, text_model=str(tiny_model),
-                        data_dir=tmp_path)
+                        text_precision="int8", data_dir=tmp_path)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.wait_ready()

@@ -184,7 +184,7 @@ def plan_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], ma
 
 class CausalLM:
     """A loaded model and tokenizer on this process's device, in ``precision``
-    (:mod:`workers.precision`: ``auto`` is int8 Linear layers on CPU, bfloat16 on GPUs)."""
+    (:mod:`workers.precision`; ``auto``: bf16 or int8 on CPU, bf16 or fp16 on GPUs)."""
 
     def __init__(self, ref: str, *, allow_downloads: bool = False, device: str | None = None,
                  models_dir: Path | None = None, precision: str = "auto"):

@@ -7,8 +7,8 @@ quantized once per output channel, activations on the fly. torch's stock dynamic
 tensor, so a row's numbers would depend on what else shares its batch, and an item's output on
 its batch-mates. :class:`RowScaledInt8Linear` scales each token's activations to [-1, 1] first
 and appends one fixed row spanning [-1, 1], so the kernel's per-tensor scale is always the same
-and every row is quantized on its own: an item's output depends on its own prompt and seed only,
-as in float32.
+and every row is quantized on its own: the int8 layers give a row the same numbers whatever
+shares its batch (the float parts, attention above all, are as batch-independent as in float32).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class PrecisionError(ValueError):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision for ``device``: ``auto`` is int8 on CPU (benchmarks/text_vs_peer.py:
-    about 3x float32 there, quality within 0.05 of it), bfloat16 on GPUs that have it, else
-    float16."""
+    """The concrete precision for ``device``. ``auto``: on CPU, bf16 where the CPU computes it
+    natively (AMX, AVX512-BF16), else int8 (both faster than fp32 with quality within the
+    guard: docs/benchmarks.md); on GPUs bf16 where supported, else fp16."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown text precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
@@ -43,8 +43,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return precision
     if precision == "auto":
-        return "int8" if "fbgemm" in torch.backends.quantized.supported_engines or \
-            "x86" in torch.backends.quantized.supported_engines else "fp32"
+        if has_native_bf16():
+            return "bf16"
+        engines = torch.backends.quantized.supported_engines
+        return "int8" if "fbgemm" in engines or "x86" in engines else "fp32"
     return precision
 
 
@@ -54,16 +56,25 @@ def load_dtype(precision: str) -> torch.dtype:
 
 
 @functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split())
+    except OSError:  # not Linux: assume the least
+        return frozenset()
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16), where oneDNN makes
+    bf16 faster than int8 and fp32 (benchmarks/text_vs_peer.py); elsewhere bf16 is emulated."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
 def has_vnni() -> bool:
     """Whether this CPU has VNNI int8 dot products. Without them fbgemm adds pairs of u8 x s8
     products in 16 bits, which can saturate: activations then keep 7 bits (``reduce_range``),
     as torch's own dynamic Linear always does. With them all 8 bits are used, which brings
-    SmolLM2's greedy next-token agreement with float32 from 86% to 93% (docs/benchmarks.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    SmolLM2's next-token agreement with float32 from about 86% to 92% (docs/benchmarks.md)."""
+    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
 
 
 class RowScaledInt8Linear(nn.Module):
