@@ -134,8 +134,23 @@ def gguf_file(models_dir: Path) -> Path:
     return target
 
 
-def llama_cpp(llm, ids: list[list[int]], new: int) -> dict:
-    """One request after another, as llama-cpp-python's users run it."""
+def llama_cpp(gguf: Path, ids: list[list[int]], new: int) -> dict:
+    """One request after another, as llama-cpp-python's users run it, in a process of its own:
+    llama.cpp's OpenMP runtime and torch's do not share a process safely (it crashed here)."""
+    done = subprocess.run([sys.executable, __file__, "--llama-child", str(gguf), str(new)],
+                          input=json.dumps(ids), capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-cpp-python exited {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def llama_child(gguf: str, new: int) -> None:
+    """The llama-cpp-python side: token ids on stdin, counts and seconds on stdout."""
+    from llama_cpp import Llama
+
+    ids = json.load(sys.stdin)
+    llm = Llama(model_path=gguf, n_threads=os.cpu_count(), n_ctx=2048, n_gpu_layers=0, verbose=False)
+    llm.create_completion(prompt=ids[0], max_tokens=4, temperature=0.0)  # warm
     kept = ended = 0
     started = time.perf_counter()
     for prompt in ids:
@@ -145,7 +160,8 @@ def llama_cpp(llm, ids: list[list[int]], new: int) -> dict:
         ended += out["choices"][0]["finish_reason"] == "stop"
     seconds = time.perf_counter() - started
     total = sum(map(len, ids))
-    return {"useful": kept, "decoded": kept + ended, "prompt": total, "padded": total, "seconds": seconds}
+    json.dump({"useful": kept, "decoded": kept + ended, "prompt": total, "padded": total,
+               "seconds": seconds}, sys.stdout)
 
 
 def start_worker(settings: Settings, device: str, folder: Path) -> subprocess.Popen:
@@ -247,6 +263,8 @@ def agreement(items: list, new: int) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--llama-child"]:
+        return llama_child(sys.argv[2], int(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=56)
     parser.add_argument("--batch", type=int, default=32)
@@ -294,12 +312,11 @@ def main() -> None:
                                                      attn_implementation="paged|sdpa").to(lm.device).eval()
         paths["bare_generate_batch"] = lambda: generate_batch(paged, lm, ids, args.new_tokens)
     try:
-        from llama_cpp import Llama
+        import llama_cpp as llama_module
 
-        llm = Llama(model_path=str(gguf_file(settings.models_dir)), n_threads=os.cpu_count(),
-                    n_ctx=2048, n_gpu_layers=0, verbose=False)
-        paths["llama_cpp"] = lambda: llama_cpp(llm, ids, args.new_tokens)
-        report["llama_cpp"] = "llama-cpp-python " + __import__("llama_cpp").__version__
+        gguf = gguf_file(settings.models_dir)
+        paths["llama_cpp"] = lambda: llama_cpp(gguf, ids, args.new_tokens)
+        report["llama_cpp"] = f"llama-cpp-python {llama_module.__version__}, n_threads={os.cpu_count()}"
     except ImportError:
         report["llama_cpp"] = "not installed: pip install 'llama-cpp-python>=0.3,<0.4' (builds from source)"
     if args.paths:
