@@ -16,9 +16,11 @@ sampled, on the pretrained default (``smollm2-135m-instruct``, fetched if missin
 
 Targets (issue #12): on_topic ≥ 0.8, empty 0, length_ratio mean within 0.5-1.5.
 ``--samples FILE`` writes every output as Markdown for reading. ``--param NAME=VALUE`` adds a
-job parameter to both runs (e.g. to measure a speed option's effect on quality).
+job parameter to both runs; ``--setting NAME=VALUE`` sets a worker setting (an ``AIGC_*`` field
+of schemas/settings.py), e.g. ``--setting text_precision=fp32`` against the default to measure a
+speed option's effect on quality (issue #16: within 0.05 of fp32).
 
-    python benchmarks/text_quality.py [--model NAME_OR_DIR] [--samples out.md]
+    python benchmarks/text_quality.py [--model NAME_OR_DIR] [--samples out.md] [--setting text_precision=fp32]
 """
 
 from __future__ import annotations
@@ -158,8 +160,11 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, help="write every output here as Markdown")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a job parameter for both runs (JSON value)")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a worker setting, as AIGC_NAME would set it (e.g. text_precision=fp32)")
     args = parser.parse_args()
     extra = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
+    chosen = dict(p.split("=", 1) for p in args.setting)
     if args.model == PRETRAINED_TEXT_MODEL:
         subprocess.run([sys.executable, "-m", "workers.fetch", PRETRAINED_TEXT_MODEL], check=True,
                        stdout=subprocess.DEVNULL)
@@ -167,13 +172,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         settings = Settings(broker_url=args.broker, database_url=f"sqlite:///{folder}/q.db",
-                            text_model=args.model, data_dir=folder)
+                            text_model=args.model, data_dir=folder, **chosen)
         import redis
 
         redis.Redis.from_url(args.broker).flushdb()
         worker = start_worker(settings, folder)
         try:
             report = {"benchmark": "text_quality", "model": args.model, "extra_params": extra,
+                      "settings": chosen, "precision": settings.text_precision,
                       "greedy": run(settings, extra, samples, "greedy"),
                       "sampled": run(settings, SAMPLED | extra, samples, "sampled")}
         finally:

@@ -10,11 +10,13 @@ import importlib
 import logging
 import socket
 import sys
+import threading
 from typing import Annotated
 
 import typer
 
 from schemas.enums import Kind
+from schemas.settings import Settings
 
 from . import launcher
 
@@ -145,13 +147,13 @@ def worker(
         sys.exit(f"aigc worker: --devices {pinned[0]}: GPU {pinned[0]} is not available here "
                  f"(torch {torch.__version__} sees no CUDA device)")
     if not no_preload:
-        from .registry import get_generator
-
-        for kind in [Kind(q) for q in queues.split(",")]:  # article and ad_copy share one model
-            try:
-                get_generator(kind, settings.default_model(kind), settings)
-            except Exception as exc:  # jobs naming other models can still run
-                logging.getLogger("aigc.worker").warning("default %s model not loaded: %s", kind, exc)
+        # Loaded on a thread that then ends, so the main thread never starts an OpenMP pool:
+        # with two live pools (main + the task thread) libgomp counts more threads than cores
+        # and stops spin-waiting between parallel regions, which made CPU decoding in the task
+        # thread about 40% slower (docs/benchmarks.md, issue #16).
+        loader = threading.Thread(target=_preload, args=(queues, settings), name="aigc-preload")
+        loader.start()
+        loader.join()
     from .app import app
 
     logs.keep_for_celery(app)
@@ -167,6 +169,17 @@ def worker(
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` (default: the command line) and run the worker."""
     cli(args=argv, prog_name="aigc worker")
+
+
+def _preload(queues: str, settings: Settings) -> None:
+    """Load the default model of each consumed kind (article and ad_copy share one)."""
+    from .registry import get_generator
+
+    for kind in [Kind(q) for q in queues.split(",") if q in Kind.__members__]:
+        try:
+            get_generator(kind, settings.default_model(kind), settings)
+        except Exception as exc:  # jobs naming other models can still run
+            logging.getLogger("aigc.worker").warning("default %s model not loaded: %s", kind, exc)
 
 
 if __name__ == "__main__":

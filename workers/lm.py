@@ -22,13 +22,15 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList,
+    RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, StopStringCriteria,
 )
 
 from schemas.settings import DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, get_settings
 from schemas.specs import GenerationParams
 
+from .decode import DecodeStats, decode
 from .errors import ModelNotFoundError, halve_after_out_of_memory
+from .precision import load_dtype, quantize_int8, quantized_bytes, resolve_precision
 from .registry import module_bytes
 
 log = logging.getLogger("aigc.worker")
@@ -130,6 +132,10 @@ class PerRowSampler(LogitsProcessor):
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, chosen, 0.0)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with ``rows`` only (the others ended); each keeps its own generator."""
+        self.generators = [self.generators[i] for i in rows.tolist()]
+
 
 class RowMinimums(LogitsProcessor):
     """No end of text for a row before its own ``min_new_tokens`` (rows of a batch differ)."""
@@ -143,16 +149,9 @@ class RowMinimums(LogitsProcessor):
         scores[early, self.eos_id] = float("-inf")
         return scores
 
-
-class RowLimits(StoppingCriteria):
-    """A row is finished at its own ``max_new_tokens``; the batch runs to the largest."""
-
-    def __init__(self, limits: Sequence[int], prompt_width: int):
-        self.limits = torch.tensor(limits)  # (B,)
-        self.prompt_width = prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return (input_ids.shape[1] - self.prompt_width) >= self.limits.to(input_ids.device)  # (B,)
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with ``rows`` only (the others ended)."""
+        self.minimums = self.minimums[rows.cpu()]
 
 
 def plan_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_rows: int,
@@ -184,28 +183,30 @@ def plan_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], ma
 
 
 class CausalLM:
-    """A loaded model and tokenizer on this process's device."""
+    """A loaded model and tokenizer on this process's device, in ``precision``
+    (:mod:`workers.precision`; ``auto``: bf16 or int8 on CPU, bf16 or fp16 on GPUs)."""
 
     def __init__(self, ref: str, *, allow_downloads: bool = False, device: str | None = None,
-                 models_dir: Path | None = None):
+                 models_dir: Path | None = None, precision: str = "auto"):
         self.ref = ref
         self.path = resolve_model(ref, allow_downloads=allow_downloads, models_dir=models_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.float32
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.precision = resolve_precision(precision, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left",
                                                        local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype,
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=load_dtype(self.precision),
                                                           local_files_only=True)
         self.model.to(self.device).eval()
-        self.memory_bytes = module_bytes(self.model)
+        if self.precision == "int8":
+            quantize_int8(self.model)
+        self.memory_bytes = module_bytes(self.model) + quantized_bytes(self.model)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024)
         self.rows_cap: int | None = None  # lowered when a batch ran out of memory
+        self.stats = DecodeStats()  # what every batch so far computed and kept (benchmarks read it)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -286,9 +287,9 @@ class CausalLM:
         yield from self._run_adaptive(requests[:half], ids[:half])
         yield from self._run_adaptive(requests[half:], ids[half:])
 
-    @torch.inference_mode()
     def _run_batch(self, requests: list[TextRequest], ids: list[list[int]]) -> list[TextOutput]:
-        """One padded forward pass over ``requests`` (left padding: prompts end together)."""
+        """One left-padded batch (prompts end together) through :func:`workers.decode.decode`,
+        which stops computing each row as soon as it ends."""
         params = requests[0].params
         width = max(len(row) for row in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, T)
@@ -307,26 +308,20 @@ class CausalLM:
         if params.temperature > 0:
             processors.append(PerRowSampler([r.seed for r in requests], params.temperature,
                                             params.top_p, self.device))
-        kwargs: dict[str, Any] = {"logits_processor": processors} if processors else {}
+        stopping = StoppingCriteriaList()
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        if min(limits) < max(limits):
-            kwargs["stopping_criteria"] = StoppingCriteriaList([RowLimits(limits, width)])
+            stopping.append(StopStringCriteria(self.tokenizer, list(params.stop)))
         started = time.perf_counter()
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=max(limits), do_sample=False, num_beams=1,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id, **kwargs,
-        )  # (B, T + new)
+        new = decode(self.model, input_ids.to(self.device), attention.to(self.device), limits=limits,
+                     eos_id=self.eos_id, processors=processors, stopping=stopping, stats=self.stats)
         latency_ms = (time.perf_counter() - started) * 1000
-        return [self._output(request, ids[row], out[row, width:].tolist(), latency_ms)
+        return [self._output(request, ids[row], new[row], latency_ms)
                 for row, request in enumerate(requests)]
 
     def _output(self, request: TextRequest, prompt: list[int], new: list[int],
                 latency_ms: float) -> TextOutput:
         """One row's text, token count and why it ended."""
         params = request.params
-        new = new[: params.max_new_tokens]  # after its own limit a row holds only padding
         ended = self.eos_id is not None and self.eos_id in new
         if ended:
             new = new[: new.index(self.eos_id)]

@@ -46,7 +46,7 @@ class TextBackend:
     def __init__(self, model: str, settings: Settings):
         self.settings = settings
         self.lm = CausalLM(model, allow_downloads=settings.allow_downloads,
-                           models_dir=settings.models_dir)
+                           models_dir=settings.models_dir, precision=settings.text_precision)
         self.device = str(self.lm.device)
         self.memory_bytes = self.lm.memory_bytes
 
@@ -95,7 +95,8 @@ class TextBackend:
         item = plan.item
         row = {
             "job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
-            "model": job.model, "seed": plan.seed, "params": used.model_dump(mode="json"),
+            "model": job.model, "seed": plan.seed,
+            "params": used.model_dump(mode="json") | {"precision": self.lm.precision},
             "prompt_tokens": outputs[0].prompt_tokens,
             "output_tokens": sum(o.output_tokens for o in outputs),
             "latency_ms": max(o.latency_ms for o in outputs), "device": self.device,
