@@ -124,8 +124,8 @@ class CompletionBody(_Body):
 
 
 _BODIES = {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody}
-_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
-_TOP_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
+BODY_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
+LINE_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
                  "missing": "required in the OpenAI batch format"}
 # Where an item field came from in the body, for problems the item's spec finds.
 _SPEC_FIELDS = {"prompt": "body.prompt", "messages": "body.messages", "params": "body"}
@@ -160,11 +160,11 @@ def _checked_record(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> di
     try:
         request = BatchLine.model_validate(obj)
     except ValidationError as exc:
-        return list(problems_from(line, exc, messages=_TOP_MESSAGES))
+        return list(problems_from(line, exc, messages=LINE_MESSAGES))
     try:
         body = _BODIES[request.url].model_validate(request.body)
     except ValidationError as exc:
-        return list(problems_from(line, exc, prefix="body", messages=_MESSAGES))
+        return list(problems_from(line, exc, prefix="body", messages=BODY_MESSAGES))
     record = _record(request.custom_id, body)
     try:  # what the item's spec adds (sizes, the last message's role): named by body field
         spec.model_validate(record)

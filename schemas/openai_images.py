@@ -16,15 +16,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .enums import Kind
+from .openai_batch import BODY_MESSAGES, LINE_MESSAGES
 from .parsing import Problem, problems_from, read_jsonl
 from .specs import SPECS, CustomId, ImageSize, ShortText
 
 IMAGES_URL = "/v1/images/generations"
 IMAGES_KIND = Kind.image_set
-
-_TOP_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
-                 "missing": "required in the OpenAI batch format"}
-_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
 
 
 class _Strict(BaseModel):
@@ -79,11 +76,11 @@ def _checked(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> dict[str,
     try:
         request = ImageLine.model_validate(obj)
     except ValidationError as exc:
-        return list(problems_from(line, exc, messages=_TOP_MESSAGES))
+        return list(problems_from(line, exc, messages=LINE_MESSAGES))
     try:
         body = ImageBody.model_validate(request.body)
     except ValidationError as exc:
-        return list(problems_from(line, exc, prefix="body", messages=_MESSAGES))
+        return list(problems_from(line, exc, prefix="body", messages=BODY_MESSAGES))
     record = {"custom_id": request.custom_id, "n_images": body.n, "seed": body.seed,
               "label": body.label, "grid": body.grid, "size": body.size}
     record = {k: v for k, v in record.items() if v is not None}
