@@ -1,12 +1,10 @@
-"""OpenAI Batch API input lines for text: ``/v1/chat/completions`` and ``/v1/completions``.
+"""OpenAI Batch API input lines for text (``/v1/chat/completions``, ``/v1/completions``), read
+into records of a text kind: chat lines keep their ``messages``, completion lines their
+``prompt``, and the sampling fields become ``params``.
 
-Each line is ``{"custom_id", "method": "POST", "url", "body"}``, validated by pydantic models
-(``BatchLine``, then a body model per endpoint, ``extra="forbid"``). Chat lines keep their
-``messages`` (rendered on the worker by the model's chat template); completion lines keep their
-raw ``prompt``; the sampling fields become the item's ``params``. ``body.model`` is ignored: the
-job's model runs every line. Body fields that would change the output but cannot be honoured
-here (``logprobs``, ``tools``, penalties, ...) are refused rather than silently dropped, unless
-null or set to OpenAI's neutral default. Problems name the line's own fields (``body.max_tokens``).
+Body fields that would change the output but cannot be honoured (``logprobs``, ``tools``, ...)
+are refused unless left at OpenAI's neutral value; problems name the line's own fields
+(``body.max_tokens``). What is supported: docs/openai-api.md.
 """
 
 from __future__ import annotations

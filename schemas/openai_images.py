@@ -1,12 +1,7 @@
-"""OpenAI Batch lines for ``/v1/images/generations``, read into ``image_set`` items.
-
-An aigc extension of the Batch format (OpenAI's own batches accept the endpoint too): each line
-is ``{"custom_id", "method": "POST", "url": "/v1/images/generations", "body"}``. The body's
-``n`` becomes ``n_images`` and ``size`` (``WxH``) is kept for the worker to check against the
-model (a GAN makes one size only); ``prompt`` is accepted and ignored, since the default GAN
-is unconditional. aigc's own fields: ``seed`` (image i uses seed + i), ``label`` (conditional
-models) and ``grid`` (a contact sheet). Images come back as URLs (artifact URIs) in PNG, so a
-``response_format`` or ``output_format`` asking otherwise is refused, not silently ignored.
+"""OpenAI Batch lines for ``/v1/images/generations`` (an aigc extension), read into ``image_set``
+records: ``n`` becomes ``n_images``, ``size`` is kept for the worker to check, and aigc's own
+``seed``, ``label`` and ``grid`` pass through. A field asking for anything but PNG URLs is
+refused (docs/openai-api.md).
 """
 
 from __future__ import annotations

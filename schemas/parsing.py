@@ -1,7 +1,7 @@
 """Turning raw input (a JSONL file, an iterable of dicts) into validated item specs.
 
-Problems are reported per line and field (``LINE:FIELD: message``), all of them at once, so a
-user fixes a file in one pass. Nothing here touches the database.
+Problems are reported per line and field (``LINE:FIELD: message``), all at once, so a user
+fixes a file in one pass; :func:`problems_from` is the one converter from pydantic's errors.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""One typed settings object, read from ``AIGC_*`` environment variables and ``.env``.
-
-Validated when built: a malformed URL or an impossible batch limit fails at start, loudly,
-naming the variable.
+"""One typed settings object, read from ``AIGC_*`` environment variables and ``.env``, validated
+when built (a bad value fails at start, naming the variable). Each field's ``description`` is
+its documentation: README.md's settings table is generated from it (scripts/settings_table.py).
 """
 
 from __future__ import annotations
