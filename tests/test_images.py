@@ -47,7 +47,8 @@ def run(gen: ImageSetBackend, specs: list[dict], job_id: str = "job-1", params: 
     job = SimpleNamespace(id=job_id, kind="image_set", model="tiny", params=params or {})
     items = [SimpleNamespace(id=i, custom_id=spec.pop("custom_id", f"item-{i}"), input=spec)
              for i, spec in enumerate(dict(s) for s in specs)]
-    return [row for rows in gen.run(job, items) for row in rows]
+    # The columns the backend set (as the row dicts were before ResultRow).
+    return [{k: v for k, v in row if v is not None} for rows in gen.run(job, items) for row in rows]
 
 
 def read(uri: str) -> bytes:

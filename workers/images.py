@@ -24,6 +24,7 @@ from schemas.enums import Kind
 from schemas.settings import Settings
 
 from .artifacts import ArtifactStore
+from .contract import ClaimedItem, JobInfo, ResultRow, result_row
 from .errors import TransientError, halve_after_out_of_memory
 from .gan import load_gan, resolve_gan
 from . import imaging
@@ -47,7 +48,7 @@ def image_seed(item_seed: int, index: int) -> int:
 class _Plan:
     """One item on its way through the batches."""
 
-    item: Any
+    item: ClaimedItem
     seed: int
     n: int
     grid: bool
@@ -65,7 +66,7 @@ class _Plan:
 class ImageSetBackend:
     """Runs image sets on one GAN, loaded once per process, writing to the artifact store."""
 
-    def __init__(self, model: str, settings: Settings):
+    def __init__(self, model: str, settings: Settings) -> None:
         self.settings = settings
         self.path = resolve_gan(model, settings.models_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,8 +77,8 @@ class ImageSetBackend:
         self.pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="aigc-png")
         self.rows_cap: int | None = None  # lowered when a batch ran out of memory
 
-    def run(self, job: Any, items: list[Any]) -> Iterator[list[dict[str, Any]]]:
-        """Yield result rows (dicts for ``results``) as each item's files are written."""
+    def run(self, job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]:
+        """Yield each item's row as its files are written."""
         plans, refused = [], []
         for item in items:
             spec = item.input
@@ -90,17 +91,17 @@ class ImageSetBackend:
                          spec.get("label"))
             size = getattr(self.model, "image_size", None)
             if spec.get("size") and size and spec["size"] != f"{size}x{size}":
-                refused.append(self._row(job, plan) | {
-                    "error_code": "size_not_supported",
-                    "error_message": f"model {job.model} ({self.config['architecture']}) makes "
-                    f"{size}x{size} images; got size {spec['size']!r}"})
+                refused.append(self._row(
+                    job, plan, error_code="size_not_supported",
+                    error_message=f"model {job.model} ({self.config['architecture']}) makes "
+                    f"{size}x{size} images; got size {spec['size']!r}"))
                 continue
             if plan.label is not None and plan.label not in self.labels:
-                refused.append(self._row(job, plan) | {
-                    "error_code": "label_not_supported",
-                    "error_message": f"model {job.model} ({self.config['architecture']}) "
+                refused.append(self._row(
+                    job, plan, error_code="label_not_supported",
+                    error_message=f"model {job.model} ({self.config['architecture']}) "
                     + (f"knows the labels {', '.join(self.labels)}" if self.labels else
-                       "is unconditional: it takes no label") + f"; got {plan.label!r}"})
+                       "is unconditional: it takes no label") + f"; got {plan.label!r}"))
                 continue
             plan.folder = self.store.item_folder(job.id, item.custom_id)
             plan.left = plan.n
@@ -166,14 +167,12 @@ class ImageSetBackend:
         uri = self.store.write(folder, "grid.png", data)
         return {"uri": uri, "bytes": len(data), "width": width, "height": height}
 
-    def _row(self, job: Any, plan: _Plan) -> dict[str, Any]:
-        item = plan.item
-        return {"job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
-                "model": job.model, "seed": plan.seed, "device": str(self.device),
-                "params": {"n_images": plan.n, "seed": plan.seed, "grid": plan.grid,
-                           "label": plan.label, "seed_rule": SEED_RULE}}
+    def _row(self, job: JobInfo, plan: _Plan, **fields: Any) -> ResultRow:
+        return result_row(job, plan.item, seed=plan.seed, device=str(self.device),
+                          params={"n_images": plan.n, "seed": plan.seed, "grid": plan.grid,
+                                  "label": plan.label, "seed_rule": SEED_RULE}, **fields)
 
-    def _done_row(self, job: Any, plan: _Plan) -> dict[str, Any]:
+    def _done_row(self, job: JobInfo, plan: _Plan) -> ResultRow:
         try:
             images = [future.result() for future in plan.saved]
             sheet = plan.sheet.result() if plan.sheet else None
@@ -185,5 +184,5 @@ class ImageSetBackend:
         uris = [image["uri"] for image in images] + ([sheet["uri"]] if sheet else [])
         output = {"architecture": self.config["architecture"], "width": images[0]["width"],
                   "height": images[0]["height"], "images": images, "grid": sheet}
-        return self._row(job, plan) | {"output": output, "artifact_uris": uris,
-                                       "latency_ms": round(plan.latency_ms, 3)}
+        return self._row(job, plan, output=output, artifact_uris=uris,
+                         latency_ms=round(plan.latency_ms, 3))
