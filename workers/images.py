@@ -88,6 +88,12 @@ class ImageSetBackend:
         self.store = ArtifactStore(settings.artifacts())
         self.pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="aigc-png")
         self.batching = AdaptiveBatch(self.device, "image")  # halved when a batch runs out of memory
+        # One throw-away image. The first forward pass after other torch work in this process (a
+        # text model, say) sometimes splits oneDNN's deconvolutions differently and lands a
+        # rounding step away in rare pixels; every later pass matches a fresh process, so the
+        # same seed gives the same PNG bytes whatever the worker ran before.
+        with torch.inference_mode():
+            self.model.generate([0], **({"labels": [self.labels[0]]} if self.labels else {}))
 
     @property
     def rows_cap(self) -> int | None:
