@@ -85,3 +85,20 @@ def test_a_stale_schema_is_refused_at_every_call_until_upgraded(tmp_path, monkey
     ensure_schema(url)
     assert len(checks) == 3  # the check that passed, then none
 
+
+def test_each_set_of_job_states_is_defined_once_and_used_everywhere():
+    import re
+    from pathlib import Path
+
+    from schemas.enums import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, UNFINISHED_JOB_STATUSES, JobStatus
+
+    assert set(UNFINISHED_JOB_STATUSES) == set(ACTIVE_JOB_STATUSES) | {JobStatus.cancelling}
+    assert set(UNFINISHED_JOB_STATUSES) | set(TERMINAL_JOB_STATUSES) == set(JobStatus)
+    assert not set(UNFINISHED_JOB_STATUSES) & set(TERMINAL_JOB_STATUSES)
+    assert [s for s in JobStatus if s.is_active] == list(ACTIVE_JOB_STATUSES)
+    root = Path(__file__).parent.parent
+    spelled = re.compile(r"JobStatus\.(queued|running),\s*JobStatus\.(queued|running)|not s\.is_terminal")
+    offenders = [str(path.relative_to(root)) for folder in ("producer", "schemas", "workers")
+                 for path in (root / folder).rglob("*.py")
+                 if path.name != "enums.py" and spelled.search(path.read_text(encoding="utf-8"))]
+    assert offenders == []

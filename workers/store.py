@@ -17,7 +17,7 @@ from sqlalchemy import Engine, and_, case, exists, func, insert, or_, select, up
 from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas import lifecycle
-from schemas.enums import ItemStatus, JobStatus
+from schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
 from schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
 
 
@@ -56,7 +56,7 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
     claimable = or_(Item.status == ItemStatus.pending,
                     and_(Item.status == ItemStatus.leased,
                          or_(Item.lease_expires_at < now, Item.lease_owner == owner)))
-    job_active = exists().where(Job.id == job_id, Job.status.in_(lifecycle.ACTIVE))
+    job_active = exists().where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
     statement = (
         update(Item)
         .where(Item.job_id == job_id, Item.id.in_(item_ids), claimable, job_active)
@@ -176,7 +176,7 @@ def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
     with engine.begin() as connection:
         changed = connection.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]),
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
                    Job.done + Job.failed >= Job.total)
             .values(status=final, finished_at=now, updated_at=now)
         ).rowcount
