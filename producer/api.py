@@ -29,6 +29,7 @@ from schemas.parsing import (
     MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, problems_from, validate_items,
     validate_records,
 )
+from schemas.results import EXPORT_COLUMNS
 from schemas.settings import Settings, get_settings
 from schemas.specs import JobParams
 from schemas.tables import Item, Job, Result, utcnow
@@ -301,9 +302,7 @@ def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
         time.sleep(poll)
 
 
-RESULT_COLUMNS = ("custom_id", "kind", "output_text", "output", "artifact_uris", "error_code",
-                  "error_message", "finish_reason", "model", "seed", "params", "prompt_tokens", "output_tokens",
-                  "latency_ms", "worker", "device", "created_at")
+RESULT_COLUMNS = EXPORT_COLUMNS  # a result row's keys, from schemas.results.ResultRow
 
 
 def results(job_id: str, *, errors_only: bool = False, with_input: bool = False,

@@ -1,6 +1,8 @@
 """Writing result rows out: JSONL, CSV, Parquet, and OpenAI Batch output and error files.
 
-Each writer streams: rows are consumed once and memory stays flat for any job size.
+Each writer streams: rows are consumed once and memory stays flat for any job size. A row is a
+dict with the columns of :data:`schemas.results.EXPORT_COLUMNS` (what ``producer.results``
+yields), whose types (:class:`schemas.results.ResultRow`) give the Parquet schema.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, BinaryIO, TextIO
 
-JSON_FIELDS = ("output", "artifact_uris", "params")
+from schemas.results import EXPORT_COLUMNS, JSON_COLUMNS, column_type
+
+JSON_FIELDS = JSON_COLUMNS  # written as JSON text in CSV and Parquet
 
 
 def _plain(value: Any) -> Any:
@@ -47,14 +51,7 @@ def write_parquet(rows: Iterable[dict[str, Any]], out: BinaryIO, batch_rows: int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("custom_id", pa.string()), ("kind", pa.string()), ("output_text", pa.string()),
-        ("output", pa.string()), ("artifact_uris", pa.string()), ("error_code", pa.string()),
-        ("error_message", pa.string()), ("finish_reason", pa.string()), ("model", pa.string()), ("seed", pa.int64()),
-        ("params", pa.string()), ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()),
-        ("latency_ms", pa.float64()), ("worker", pa.string()), ("device", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ])
+    schema = parquet_schema()
     count = 0
     rows = iter(rows)
     with pq.ParquetWriter(out, schema) as writer:
@@ -63,6 +60,16 @@ def write_parquet(rows: Iterable[dict[str, Any]], out: BinaryIO, batch_rows: int
             writer.write_table(pa.table(columns, schema=schema))
             count += len(batch)
     return count
+
+
+def parquet_schema() -> Any:
+    """The ``pyarrow.Schema`` of an export: one column per export column, typed from
+    :class:`schemas.results.ResultRow` (JSON columns as strings)."""
+    import pyarrow as pa
+
+    types = {str: pa.string(), int: pa.int64(), float: pa.float64(), dict: pa.string(),
+             list: pa.string(), datetime: pa.timestamp("us", tz="UTC")}
+    return pa.schema([(name, types[column_type(name)]) for name in EXPORT_COLUMNS])
 
 
 def _parquet_value(name: str, value: Any) -> Any:

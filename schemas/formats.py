@@ -1,16 +1,10 @@
-"""More input formats: CSV, and OpenAI Batch API JSONL (schemas/openai_batch.py for text lines,
-schemas/openai_images.py for image lines), read into the same records as JSONL.
+"""Input formats besides JSONL: CSV here, OpenAI Batch lines in schemas/openai_batch.py and
+schemas/openai_images.py. Every reader yields ``(line, record_or_Problem)`` like
+:func:`~schemas.parsing.read_jsonl`, streaming, for ``validate_records``.
 
-Every reader yields ``(line_number, record_or_Problem)`` like :func:`read_jsonl`, so
-``validate_records(kind, reader(stream))`` does the per-field validation and the duplicate
-``custom_id`` check for every format alike. Readers stream: memory does not grow with the file.
-A row or line with a problem found here yields its problems instead of a record.
-
-CSV: the header row names the fields; ``params.<name>`` columns fill the nested ``params``.
-Cells are converted by the type the kind's spec declares for the field (int, float, bool, or a
-list written ``a;b;c`` or as a JSON array); an empty cell means the field is absent.
-
-``detect_format`` tells the three apart and ``reader_for`` picks the reader.
+CSV: a header names the fields (``params.<name>`` for generation overrides); each row is
+validated by the kind's spec in pydantic's lax mode (``"3"``, ``"yes"``), lists as ``a;b`` or a
+JSON array, an empty cell meaning the field is not given.
 """
 
 from __future__ import annotations
@@ -18,20 +12,17 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import math
 import os
-import re
-import types
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, ValidationError
 
 from .enums import Kind
 from .openai_batch import OPENAI_KIND, Records, Stream, read_openai_batch
-from .parsing import MAX_LINE_BYTES, Problem, read_jsonl
-from .specs import SPECS
+from .parsing import MAX_LINE_BYTES, Problem, problems_from, read_jsonl
+from .specs import CSV_CONTEXT, SPECS
 
 FORMATS = ("jsonl", "csv", "openai")
 __all__ = ["FORMATS", "OPENAI_KIND", "detect_format", "read_csv", "read_openai_batch", "reader_for"]
@@ -71,6 +62,7 @@ def reader_for(fmt: str, kind: Kind | str) -> Callable[[Stream], Records]:
 def read_csv(stream: Stream, kind: Kind | str) -> Records:
     """Yield ``(line, record_or_Problem)`` per non-blank CSV row; ``line`` is the physical line
     where the row starts (the header is line 1). An empty file yields nothing."""
+    spec = SPECS[Kind(kind)]
     rows = _csv_rows(stream)
     header_line, header = next(rows, (0, None))
     if header is None:
@@ -78,7 +70,7 @@ def read_csv(stream: Stream, kind: Kind | str) -> Records:
     if isinstance(header, Problem):
         yield header_line, header  # without a readable header no row can be interpreted
         return
-    columns = _columns(SPECS[Kind(kind)], header, header_line)
+    columns = _columns(spec, header, header_line)
     for column in columns:
         if isinstance(column, Problem):  # reported once; its cells are skipped in every row
             yield header_line, column
@@ -90,19 +82,16 @@ def read_csv(stream: Stream, kind: Kind | str) -> Records:
             yield line, Problem(line, "-", f"row has {len(row)} cells; the header has {len(columns)}")
             continue
         record: dict[str, Any] = {}
-        problems = []
-        for column, cell in zip(columns, row):
-            if isinstance(column, Problem) or not cell.strip():
-                continue
-            name, coerce = column
-            try:
-                value = coerce(cell)
-            except ValueError as exc:
-                problems.append(Problem(line, name, str(exc)))
-                continue
-            parent, _, field = name.rpartition(".")
-            (record.setdefault(parent, {}) if parent else record)[field] = value
-        yield from ((line, p) for p in problems) if problems else [(line, record)]
+        for name, cell in zip(columns, row):
+            if isinstance(name, str) and cell.strip():
+                parent, _, field = name.rpartition(".")
+                (record.setdefault(parent, {}) if parent else record)[field] = cell.strip()
+        try:
+            valid = spec.model_validate(record, context=CSV_CONTEXT)
+        except ValidationError as exc:
+            yield from ((line, problem) for problem in problems_from(line, exc))
+            continue
+        yield line, valid.model_dump(mode="json", exclude_unset=True)
 
 
 class _TooLong(Exception):
@@ -158,20 +147,16 @@ def _csv_rows(stream: Stream) -> Iterator[tuple[int, list[str] | Problem]]:
             yield start, row
 
 
-def _columns(spec: type[BaseModel], header: list[str], line: int) -> list[tuple[str, Callable] | Problem]:
-    """Per header cell, its field name (``params.seed`` for nested) and converter, or a Problem."""
-    known: dict[str, Callable[[str], Any]] = {}
+def _columns(spec: type[BaseModel], header: list[str], line: int) -> list[str | Problem]:
+    """Per header cell, its field name (``params.seed`` for nested), or a Problem."""
+    known: list[str] = []
     for name, field in spec.model_fields.items():
-        nested = _unwrap(field.annotation)
-        if isinstance(nested, type) and issubclass(nested, BaseModel):
-            known |= {f"{name}.{sub}": _coercer(f.annotation) for sub, f in nested.model_fields.items()}
-        elif name == "messages":  # chat messages do not fit in a cell: JSONL or OpenAI lines
-            continue
-        elif any(isinstance(m, BeforeValidator) for m in field.metadata):
-            known[name] = str  # the field reads text itself (an article's ``length: short``)
-        else:
-            known[name] = _coercer(field.annotation)
-    columns: list[tuple[str, Callable] | Problem] = []
+        nested = [a for a in typing.get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            known += [f"{name}.{sub}" for sub in nested[0].model_fields]
+        elif name != "messages":  # chat messages do not fit in a cell: JSONL or OpenAI lines
+            known.append(name)
+    columns: list[str | Problem] = []
     names = [cell.strip() for cell in header]
     for number, name in enumerate(names):
         if not name:
@@ -181,70 +166,5 @@ def _columns(spec: type[BaseModel], header: list[str], line: int) -> list[tuple[
         elif name in names[:number]:
             columns.append(Problem(line, name, "column appears twice"))
         else:
-            columns.append((name, known[name]))
+            columns.append(name)
     return columns
-
-
-def _unwrap(annotation: Any) -> Any:
-    """``Annotated[X, ...]`` and ``X | None`` → ``X``."""
-    while True:
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-        options = [a for a in args if a is not type(None)]
-        if origin is typing.Annotated:
-            annotation = args[0]
-        elif origin in (typing.Union, types.UnionType) and len(options) == 1:
-            annotation = options[0]
-        else:
-            return annotation
-
-
-def _coercer(annotation: Any) -> Callable[[str], Any]:
-    """How a cell becomes a value of ``annotation``; strings (and Literals) go to pydantic as-is."""
-    annotation = _unwrap(annotation)
-    if typing.get_origin(annotation) is list or annotation is list:
-        args = typing.get_args(annotation)
-        return functools.partial(_to_list, item=_coercer(args[0]) if args else str)
-    return _SCALARS.get(annotation, str)
-
-
-def _scalar(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
-    def coerce(text: str) -> Any:
-        try:
-            return parse(text.strip())
-        except (ValueError, KeyError):
-            raise ValueError(f"not {what}: {_show(text)}") from None
-    return coerce
-
-
-def _int(text: str) -> int:
-    if not re.fullmatch(r"[+-]?\d+", text):  # int() would also take "1_000"
-        raise ValueError
-    return int(text)
-
-
-def _finite(text: str) -> float:
-    if not math.isfinite(value := float(text)):
-        raise ValueError
-    return value
-
-
-_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-_SCALARS = {bool: _scalar(lambda text: _BOOLS[text.lower()], "a boolean (true/false, yes/no, 1/0)"),
-            int: _scalar(_int, "an integer"), float: _scalar(_finite, "a number")}
-
-
-def _to_list(text: str, item: Callable[[str], Any]) -> list[Any]:
-    text = text.strip()
-    if not text.startswith("["):
-        return [item(part.strip()) for part in text.split(";") if part.strip()]
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        value = None
-    if not isinstance(value, list):
-        raise ValueError(f"not a JSON array: {_show(text)}")
-    return value
-
-
-def _show(text: str, limit: int = 60) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")

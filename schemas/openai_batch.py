@@ -1,12 +1,10 @@
-"""OpenAI Batch API input lines for text: ``/v1/chat/completions`` and ``/v1/completions``.
+"""OpenAI Batch API input lines for text (``/v1/chat/completions``, ``/v1/completions``), read
+into records of a text kind: chat lines keep their ``messages``, completion lines their
+``prompt``, and the sampling fields become ``params``.
 
-Each line is ``{"custom_id", "method": "POST", "url", "body"}``, validated by pydantic models
-(``BatchLine``, then a body model per endpoint, ``extra="forbid"``). Chat lines keep their
-``messages`` (rendered on the worker by the model's chat template); completion lines keep their
-raw ``prompt``; the sampling fields become the item's ``params``. ``body.model`` is ignored: the
-job's model runs every line. Body fields that would change the output but cannot be honoured
-here (``logprobs``, ``tools``, penalties, ...) are refused rather than silently dropped, unless
-null or set to OpenAI's neutral default. Problems name the line's own fields (``body.max_tokens``).
+Body fields that would change the output but cannot be honoured (``logprobs``, ``tools``, ...)
+are refused unless left at OpenAI's neutral value; problems name the line's own fields
+(``body.max_tokens``). What is supported: docs/openai-api.md.
 """
 
 from __future__ import annotations
@@ -124,8 +122,8 @@ class CompletionBody(_Body):
 
 
 _BODIES = {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody}
-_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
-_TOP_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
+BODY_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
+LINE_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
                  "missing": "required in the OpenAI batch format"}
 # Where an item field came from in the body, for problems the item's spec finds.
 _SPEC_FIELDS = {"prompt": "body.prompt", "messages": "body.messages", "params": "body"}
@@ -160,11 +158,11 @@ def _checked_record(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> di
     try:
         request = BatchLine.model_validate(obj)
     except ValidationError as exc:
-        return list(problems_from(line, exc, messages=_TOP_MESSAGES))
+        return list(problems_from(line, exc, messages=LINE_MESSAGES))
     try:
         body = _BODIES[request.url].model_validate(request.body)
     except ValidationError as exc:
-        return list(problems_from(line, exc, prefix="body", messages=_MESSAGES))
+        return list(problems_from(line, exc, prefix="body", messages=BODY_MESSAGES))
     record = _record(request.custom_id, body)
     try:  # what the item's spec adds (sizes, the last message's role): named by body field
         spec.model_validate(record)

@@ -1,12 +1,7 @@
-"""OpenAI Batch lines for ``/v1/images/generations``, read into ``image_set`` items.
-
-An aigc extension of the Batch format (OpenAI's own batches accept the endpoint too): each line
-is ``{"custom_id", "method": "POST", "url": "/v1/images/generations", "body"}``. The body's
-``n`` becomes ``n_images`` and ``size`` (``WxH``) is kept for the worker to check against the
-model (a GAN makes one size only); ``prompt`` is accepted and ignored, since the default GAN
-is unconditional. aigc's own fields: ``seed`` (image i uses seed + i), ``label`` (conditional
-models) and ``grid`` (a contact sheet). Images come back as URLs (artifact URIs) in PNG, so a
-``response_format`` or ``output_format`` asking otherwise is refused, not silently ignored.
+"""OpenAI Batch lines for ``/v1/images/generations`` (an aigc extension), read into ``image_set``
+records: ``n`` becomes ``n_images``, ``size`` is kept for the worker to check, and aigc's own
+``seed``, ``label`` and ``grid`` pass through. A field asking for anything but PNG URLs is
+refused (docs/openai-api.md).
 """
 
 from __future__ import annotations
@@ -16,15 +11,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .enums import Kind
+from .openai_batch import BODY_MESSAGES, LINE_MESSAGES
 from .parsing import Problem, problems_from, read_jsonl
 from .specs import SPECS, CustomId, ImageSize, ShortText
 
 IMAGES_URL = "/v1/images/generations"
 IMAGES_KIND = Kind.image_set
-
-_TOP_MESSAGES = {"extra_forbidden": "not part of the OpenAI batch format",
-                 "missing": "required in the OpenAI batch format"}
-_MESSAGES = {"extra_forbidden": "not supported", "missing": "required"}
 
 
 class _Strict(BaseModel):
@@ -79,11 +71,11 @@ def _checked(line: int, obj: dict[str, Any], spec: type[BaseModel]) -> dict[str,
     try:
         request = ImageLine.model_validate(obj)
     except ValidationError as exc:
-        return list(problems_from(line, exc, messages=_TOP_MESSAGES))
+        return list(problems_from(line, exc, messages=LINE_MESSAGES))
     try:
         body = ImageBody.model_validate(request.body)
     except ValidationError as exc:
-        return list(problems_from(line, exc, prefix="body", messages=_MESSAGES))
+        return list(problems_from(line, exc, prefix="body", messages=BODY_MESSAGES))
     record = {"custom_id": request.custom_id, "n_images": body.n, "seed": body.seed,
               "label": body.label, "grid": body.grid, "size": body.size}
     record = {k: v for k, v in record.items() if v is not None}

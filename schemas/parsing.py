@@ -1,7 +1,7 @@
 """Turning raw input (a JSONL file, an iterable of dicts) into validated item specs.
 
-Problems are reported per line and field (``LINE:FIELD: message``), all of them at once, so a
-user fixes a file in one pass. Nothing here touches the database.
+Problems are reported per line and field (``LINE:FIELD: message``), all at once, so a user
+fixes a file in one pass; :func:`problems_from` is the one converter from pydantic's errors.
 """
 
 from __future__ import annotations
@@ -129,17 +129,30 @@ def _dump(spec: BaseModel) -> dict[str, Any]:
     return data
 
 
+# Errors whose message is clearer with the input it refused ("...; got 'hot'").
+_SHOW_INPUT = {"literal_error", "int_parsing", "float_parsing", "bool_parsing", "finite_number",
+               "json_array"}
+# Pydantic's message, where it does not say what would have been accepted.
+_MESSAGES = {"bool_parsing": "Input should be a valid boolean (true/false, yes/no, on/off, 1/0)"}
+
+
 def problems_from(line: int, exc: ValidationError, *, prefix: str = "",
                   messages: dict[str, str] | None = None) -> Iterator[Problem]:
     """The one converter from a pydantic ``ValidationError`` to :class:`Problem`\\ s of ``line``.
 
     ``prefix`` goes before every field (``body`` → ``body.max_tokens``); ``messages`` replaces
-    pydantic's message for the error types it names (``{"missing": "required"}``). A literal
-    that does not match says what it got.
+    pydantic's message for the error types it names (``{"missing": "required"}``). A value that
+    does not parse, or a literal that does not match, says what it got.
     """
+    messages = _MESSAGES | (messages or {})
     for err in exc.errors(include_url=False):
         field = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "") or "-"
-        message = (messages or {}).get(err["type"]) or err["msg"].removeprefix("Value error, ")
-        if err["type"] == "literal_error":
-            message = f"{message}; got {err['input']!r}"
+        message = messages.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+        if err["type"] in _SHOW_INPUT:
+            message = f"{message}; got {_show(err['input'])}"
         yield Problem(line, field, message, err["type"])
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,7 +1,6 @@
-"""One typed settings object, read from ``AIGC_*`` environment variables and ``.env``.
-
-Validated when built: a malformed URL or an impossible batch limit fails at start, loudly,
-naming the variable.
+"""One typed settings object, read from ``AIGC_*`` environment variables and ``.env``, validated
+when built (a bad value fails at start, naming the variable). Each field's ``description`` is
+its documentation: README.md's settings table is generated from it (scripts/settings_table.py).
 """
 
 from __future__ import annotations
@@ -50,105 +49,122 @@ class Settings(BaseSettings):
 
     broker_url: str = Field(
         "redis://localhost:6379/0",
-        description="Celery broker, any URL kombu accepts (redis://, rediss://, sentinel://, "
-        "amqp://, amqps://, ...); filesystem:///DIR is the embedded one. A password in it must "
-        "be percent-encoded; AIGC_BROKER_PASSWORD takes it unencoded.",
+        description="Celery broker: any URL kombu accepts (`redis://`, `rediss://`, `sentinel://`, "
+        "`redis+socket://`, `amqp://`, `amqps://`, ...); `filesystem:///DIR` is the embedded one. "
+        "A password in it must be percent-encoded, or given as is in `AIGC_BROKER_PASSWORD`.",
     )
     broker_password: SecretStr | None = Field(
-        None, description="The broker's password, as is (any printable characters): put into "
-        "AIGC_BROKER_URL percent-encoded, replacing a password there.",
+        None, description="The broker's password as is (any printable characters); put into "
+        "`AIGC_BROKER_URL` percent-encoded, replacing a password there.",
     )
     database_url: str = Field(
-        "sqlite:///aigc.db", description="SQLAlchemy URL of the jobs/items/results tables. A "
-        "password in it must be percent-encoded; AIGC_DATABASE_PASSWORD takes it unencoded.",
+        "sqlite:///aigc.db", description="The tables' database: `sqlite:///FILE`, or "
+        "`postgresql://user@host/db` in production (psycopg 3). A password in it must be "
+        "percent-encoded, or given as is in `AIGC_DATABASE_PASSWORD`.",
     )
     database_password: SecretStr | None = Field(
-        None, description="The database's password, as is: put into AIGC_DATABASE_URL.",
+        None, description="The database's password as is (any printable characters); put into "
+        "`AIGC_DATABASE_URL` percent-encoded, replacing a password there.",
     )
     text_model: str | None = Field(
         None,
-        description="Default text model: a local directory, a hub id already in the local "
-        "Hugging Face cache, 'smollm2-135m-instruct' (fetched by `aigc models fetch`) or "
-        "'text-small' (shipped with aigc). Unset: smollm2-135m-instruct where it has been "
-        "fetched, else text-small.",
+        description="Default text model: a model directory, a hub id already in the local "
+        "Hugging Face cache, `smollm2-135m-instruct` (fetched by `aigc models fetch`) or the "
+        "shipped `text-small`. Unset: `smollm2-135m-instruct` where it has been fetched on this "
+        "host, else `text-small`; a job records the name, so set it where producers and workers "
+        "run on different hosts.",
     )
     image_model: str = Field(
         DEFAULT_IMAGE_MODEL,
-        description="Default image model: a folder with config.json (architecture) and "
-        "model.safetensors, or the name of a fetched pretrained model ('dcgan-faces').",
+        description="Default image model: a GAN folder (`config.json` naming the architecture, "
+        "and `model.safetensors`), or the fetched `dcgan-faces`.",
     )
     models_dir: Path = Field(
-        default_factory=_default_models_dir,
-        description="Where `aigc models fetch` puts pretrained models (~/.cache/aigc/models).",
+        default_factory=_default_models_dir, json_schema_extra={"shown_default": "~/.cache/aigc/models"},
+        description="Where `aigc models fetch` puts pretrained models (`smollm2-135m-instruct`, "
+        "`dcgan-faces`) and workers find them by name; `$XDG_CACHE_HOME/aigc/models` where "
+        "`XDG_CACHE_HOME` is set.",
     )
     artifact_root: str | None = Field(
-        None, description="Where image files go: a folder or any fsspec URL (s3://bucket/x, "
-        "memory://x, file:///x). Default: DATA_DIR/artifacts.",
+        None, description="Where image files and `aigc serve`'s uploads go: a folder or an fsspec "
+        "URL (`s3://bucket/prefix` with s3fs installed, `gs://`, `file:///...`, `memory://` for "
+        "tests). Unset: `DATA_DIR/artifacts`.",
     )
     allow_downloads: bool = Field(
-        False, description="Let workers download missing models from the Hugging Face hub."
+        False, description="Let workers download a missing model from the Hugging Face hub "
+        "(never with `HF_HUB_OFFLINE=1`); otherwise a model must be local or already cached.",
     )
-    chunk_size: int = Field(64, ge=1, le=10_000, description="Item ids per queue message.")
+    chunk_size: int = Field(64, ge=1, le=10_000, description="Item ids per queue message (one "
+                            "Celery task).")
     # 64 rows: on 2 CPU cores bf16 decodes 19% faster at 64 than at 32, int8 the same
     # (benchmarks/text_vs_peer.py --sweep); GPUs gain more from large batches.
-    max_batch_rows: int = Field(64, ge=1, le=4096, description="Rows in one forward pass.")
-    max_batch_images: int = Field(64, ge=1, le=4096, description="Images in one GAN forward pass.")
+    max_batch_rows: int = Field(64, ge=1, le=4096, description="Rows in one forward pass of a "
+                                "text model.")
+    max_batch_images: int = Field(64, ge=1, le=4096, description="Images in one GAN forward pass "
+                                  "(across items; halved, and remembered, on out-of-memory).")
     max_batch_tokens: int = Field(  # 64 rows of a 300-word article (about 70 + 444 tokens)
-        32_768, ge=64, description="Padded tokens (rows x (prompt + new tokens)) in one pass."
+        32_768, ge=64, description="Padded tokens in one forward pass of a text model: rows x "
+        "(longest prompt + largest new-token limit). At least `AIGC_MAX_BATCH_ROWS`.",
     )
     max_attempts: int = Field(
-        5, ge=1, le=100, description="Claims of one item before it is recorded as an error "
-        "(an item that kills its worker every time must not loop forever).",
+        5, ge=1, le=100, description="Claims of one item before it is recorded as the error "
+        "`too_many_attempts` (an item that kills its worker every time must not loop forever).",
     )
     model_cache_mb: int = Field(
         0, ge=0, description="Memory for warm models per worker process, in MiB; the least "
-        "recently used are dropped beyond it. 0: half the GPU's memory, or a quarter of RAM.",
+        "recently used are dropped beyond it. 0: half the GPU's memory, or a quarter of RAM on CPU.",
     )
     text_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="Numbers text models compute in: 'int8' (Linear layers quantized "
-        "dynamically, CPU only), 'fp32', 'bf16', 'fp16'. 'auto': on CPU bf16 where the CPU has "
-        "it natively (AMX, AVX512-BF16), else int8; on GPUs bf16, else fp16 (docs/benchmarks.md).",
+        "auto", description="What text models compute in: `int8` (Linear layers quantized "
+        "dynamically, each token on its own; CPU only), `fp32`, `bf16`, `fp16`. `auto`: on CPU "
+        "`bf16` where the CPU does it in hardware (AMX, AVX512-BF16), else `int8`; on GPUs `bf16` "
+        "(`fp16` where unsupported). Each result records it in `params.precision`; speed and "
+        "quality in docs/benchmarks.md.",
     )
     torch_threads: int = Field(
-        0, ge=0, le=1024, description="CPU threads per worker process; 0 = torch's default."
+        0, ge=0, le=1024, description="CPU threads per worker process; 0: torch's default."
     )
     log_format: Literal["text", "json"] = Field(
-        "text", description="Worker logs: 'text' for people, 'json' for one JSON object per line."
+        "text", description="Worker logs: `text` (`time LEVEL logger: message`), or `json`: one "
+        "object per line with `timestamp`, `level`, `logger`, `message`, and for each chunk "
+        "`job_id`, `items`, `done`, `failed`, `worker`, `device`, `duration_ms`.",
     )
     lease_seconds: int = Field(
-        60, ge=1, description="How long a claimed item stays a worker's without news from it: the "
-        "worker renews the leases of its chunk every quarter of this (a heartbeat) while it "
-        "runs, so a chunk may take longer; a dead worker's items are free again within it.",
+        60, ge=1, description="How long a claimed item stays a worker's without news from it. The "
+        "worker renews its chunk's leases every quarter of this while it runs, so a long chunk is "
+        "fine and a dead worker's items are free again within it.",
     )
     visibility_timeout: int | None = Field(
-        None, ge=1, description="Seconds a Redis message may stay unacknowledged before the broker "
-        "hands it to another worker; default max(3600, 2 x lease_seconds). A chunk running longer "
-        "is delivered twice, and the lease makes the second delivery a no-op.",
+        None, ge=1, description="Seconds before Redis redelivers an unacknowledged message. "
+        "Unset: max(3600, 2 x `AIGC_LEASE_SECONDS`). A chunk running longer is delivered twice, "
+        "and its leases make the second delivery a no-op.",
     )
     db_outage_seconds: float = Field(
         120, ge=0, description="How long a worker waits out an unreachable database (retrying "
-        "with backoff) before it gives the chunk back for a later retry.",
+        "with backoff) before it gives the chunk back to be retried later.",
     )
     plugins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Python modules a worker imports at start, e.g. to "
-        "register generator backends of your own (JSON list or comma-separated).",
+        default_factory=list, description="Modules every worker imports at start, e.g. your own "
+        "generator backends, which register themselves (comma-separated or a JSON list).",
     )
-    flower_user: str = Field("admin", description="Flower's basic-auth user.")
+    flower_user: str = Field("admin", description="Flower's basic-auth user (`aigc flower`).")
     flower_password: SecretStr | None = Field(
         None, description="Flower's basic-auth password; `aigc flower` refuses to start without one."
     )
     data_dir: Path = Field(
-        Path(".aigc"), description="Local state: embedded broker folders, demo model cache."
+        Path(".aigc"), description="Local state: the embedded broker's folders, the default "
+        "artifact root, the demo worker's log.",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Keys of the OpenAI-compatible API (`aigc serve`), as "
-        "NAME:SHA256HEX entries (comma-separated or a JSON list; `aigc keys new NAME` makes one). "
-        "Only hashes are kept; each NAME sees only its own files and batches, and two entries "
-        "with one NAME share them (key rotation).",
+        default_factory=list, description="Keys of `aigc serve` as `NAME:SHA256HEX` entries, "
+        "comma-separated or a JSON list (`aigc keys new NAME` makes one); only hashes are kept. "
+        "Each NAME sees only its own files and batches (two entries with one NAME share them: "
+        "key rotation). Without keys the server refuses to start, unless `--open` on loopback.",
     )
     api_max_upload_bytes: int = Field(
-        200 * 1024 * 1024, ge=1, description="Largest file `aigc serve` accepts; bigger uploads "
-        "get 413 (OpenAI's own limit for batch input files is 200 MB).",
+        200 * 1024 * 1024, ge=1, description="Largest upload `aigc serve` takes, in bytes "
+        "(default 200 MiB, OpenAI's own limit for batch input files); bigger ones get 413 and "
+        "leave nothing behind.",
     )
 
     @field_validator("plugins", "api_keys", mode="before")
@@ -285,6 +301,21 @@ def get_settings() -> Settings:
             message = error["msg"].removeprefix("Value error, ")
             lines.append(message if message.startswith(name) else f"{name}: {message}")
         raise SettingsError("invalid settings: " + "; ".join(lines)) from None
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (variable, default, meaning) from the fields' own
+    descriptions: README.md's copy is written by scripts/settings_table.py, checked by a test."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = (field.json_schema_extra or {}).get(  # where the real default differs per host
+            "shown_default", field.get_default(call_default_factory=True))
+        if isinstance(default, bool):
+            default = json.dumps(default)
+        shown = "none" if default in (None, []) else f"`{default}`"
+        meaning = (field.description or "").replace("|", r"\|")
+        rows.append(f"| `AIGC_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 def _with_password(url: str, password: str) -> str:

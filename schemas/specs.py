@@ -6,12 +6,13 @@ message naming the field, rather than failing (or costing hours) on a worker.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError,
-    model_validator,
+    ValidationInfo, model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -46,8 +47,33 @@ CustomId = Annotated[str, StringConstraints(min_length=1, max_length=255), Clean
 StopText = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1, max_length=200), Clean]
 
 
+# Validation context of a CSV row: its cells are text (see :data:`CellList`).
+CSV_CONTEXT = {"csv": True}
+
+
+def _cell_list(value: Any, info: ValidationInfo) -> Any:
+    """In a CSV cell a list is ``a;b;c`` (blank parts dropped) or a JSON array; elsewhere a
+    string stays a string (and is refused: lists are JSON arrays there)."""
+    if not isinstance(value, str) or not (info.context or {}).get("csv"):
+        return value
+    text = value.strip()
+    if not text.startswith("["):
+        return [part.strip() for part in text.split(";") if part.strip()]
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, list):
+        raise PydanticCustomError("json_array", "not a JSON array")
+    return parsed
+
+
+CellList = BeforeValidator(_cell_list)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # allow_inf_nan=False: "nan" or a JSON NaN is not a temperature.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
 
 DEFAULT_MAX_NEW_TOKENS = 128  # free-form prompts and chat messages without a limit of their own
@@ -87,7 +113,7 @@ class JobParams(_Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[StopText] | None = Field(None, max_length=8)
+    stop: Annotated[list[StopText], CellList] | None = Field(None, max_length=8)
 
 
 class ItemParams(JobParams):
@@ -193,7 +219,7 @@ class ArticleSpec(_TextSpec):
     """An article: a title and body about ``topic``."""
 
     topic: ShortText | None = None
-    keywords: list[ShortText] = Field(default_factory=list, max_length=20)
+    keywords: Annotated[list[ShortText], CellList] = Field(default_factory=list, max_length=20)
     length: ArticleLength = Field(300, description="Target length in words (20-5000), or "
                                   "short, medium, long.")
     tone: ShortText = "neutral"

@@ -11,15 +11,17 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 from workers import text
+from workers.contract import ClaimedItem, JobInfo, ResultRow
 
 _run = text.TextBackend.run
 CRASH_TOPIC = os.environ.get("AIGC_FAULT_CRASH_TOPIC")
 SECONDS_PER_BATCH = float(os.environ.get("AIGC_FAULT_SECONDS_PER_BATCH", "0"))
 
 
-def run(self, job, items):
+def run(self: text.TextBackend, job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]:
     if CRASH_TOPIC and any(item.input.get("topic") == CRASH_TOPIC for item in items):
         os.kill(os.getpid(), signal.SIGKILL)
     for rows in _run(self, job, items):

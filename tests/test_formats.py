@@ -76,6 +76,41 @@ def test_csv_coerces_ad_copy_and_image_set_fields_by_their_spec_types():
     ]
 
 
+@pytest.mark.parametrize("cell,grid", [("yes", True), ("YES", True), ("true", True), ("1", True), ("on", True),
+                                       ("no", False), ("False", False), ("0", False), ("off", False)])
+def test_csv_booleans_are_pydantics_lax_spellings(cell, grid):
+    items, problems = csv_check("image_set", f"grid\n{cell}\n".encode())
+    assert problems == [] and items[0].input["grid"] is grid
+
+
+def test_csv_numbers_follow_pydantics_lax_mode():
+    items, problems = csv_check("image_set", b"custom_id,n_images,seed\na, 2 ,1.0\nb,1.5,\nc,3,1e3\n")
+    assert [(i.custom_id, i.input) for i in items] == [("a", {"n_images": 2, "seed": 1, "grid": False})]
+    assert problems == [f"3:n_images: {INTEGER}; got '1.5'", f"4:seed: {INTEGER}; got '1e3'"]
+    items, problems = csv_check("article", b"topic,params.temperature,params.top_p\nbees,0.5,1\nants,inf,x\n")
+    assert items[0].input["params"] == {"temperature": 0.5, "top_p": 1.0}
+    assert problems == ["3:params.temperature: Input should be a finite number; got 'inf'",
+                        f"3:params.top_p: {NUMBER}; got 'x'"]
+
+
+def test_csv_empty_cells_are_not_given_and_list_cells_drop_blank_parts():
+    items, problems = csv_check("article", b"topic,keywords,tone,params.stop,params.seed\n"
+                                           b"bees,a;;b; ,,END;; STOP ,\n"
+                                           b"ants,;,  ,  ,\n")
+    assert problems == []
+    assert items[0].input["keywords"] == ["a", "b"] and items[0].input["params"] == {"stop": ["END", "STOP"]}
+    assert items[0].input["tone"] == "neutral"  # the spec's default, as if the column were absent
+    assert items[1].input["keywords"] == [] and "params" not in items[1].input
+
+
+def test_a_b_lists_are_csv_only():
+    """In JSON a list is an array: a string there is still refused, not split."""
+    _, problems = check("article", read_jsonl, b'{"topic": "bees", "keywords": "a;b"}\n')
+    assert problems == ["1:keywords: Input should be a valid list"]
+    _, problems = check("article", read_jsonl, b'{"topic": "bees", "params": {"temperature": NaN}}\n')
+    assert problems == ["1:params.temperature: Input should be a finite number; got nan"]
+
+
 def test_csv_ids_are_per_line_and_duplicates_are_caught_by_validation():
     items, problems = csv_check("article", b"topic,custom_id\na,\nb,x\nc,x\n")
     assert [(i.line, i.custom_id) for i in items] == [(2, "item-2"), (3, "x")]
@@ -96,6 +131,8 @@ def test_csv_reads_lazily():
     assert first == [(2, {"topic": "bees"}), (3, {"topic": "bees"}), (4, {"topic": "bees"})]
 
 
+NUMBER = "Input should be a valid number, unable to parse string as a number"
+INTEGER = "Input should be a valid integer, unable to parse string as an integer"
 UNKNOWN = "1:colour: unknown column; known: custom_id, prompt, params.max_new_tokens, params.min_new_tokens, params.temperature, " \
           "params.top_p, params.repetition_penalty, params.seed, params.stop, params.n, topic, keywords, length, tone, language, title"
 
@@ -105,12 +142,12 @@ UNKNOWN = "1:colour: unknown column; known: custom_id, prompt, params.max_new_to
     ("article", b"topic,colour\nbees,red\nants,blue\n", [UNKNOWN]),
     ("article", b"topic,length\nbees,300\nants,longest\n", ["3:length: " + LENGTH_HELP + "; got 'longest'"]),
     ("article", b"topic,length\nbees,3.5\n", ["2:length: " + LENGTH_HELP + "; got '3.5'"]),
-    ("article", b"topic,params.temperature\nbees,hot\n", ["2:params.temperature: not a number: 'hot'"]),
-    ("article", b"topic,params.temperature\nbees,nan\n", ["2:params.temperature: not a number: 'nan'"]),
-    ("article", b"topic,keywords\nbees,[oops\n", ["2:keywords: not a JSON array: '[oops'"]),
+    ("article", b"topic,params.temperature\nbees,hot\n", [f"2:params.temperature: {NUMBER}; got 'hot'"]),
+    ("article", b"topic,params.temperature\nbees,nan\n", ["2:params.temperature: Input should be a finite number; got 'nan'"]),
+    ("article", b"topic,keywords\nbees,[oops\n", ["2:keywords: not a JSON array; got '[oops'"]),
     ("article", b"topic,params.max_new_tokens\nbees,5000\n",
      ["2:params.max_new_tokens: Input should be less than or equal to 4096"]),
-    ("image_set", b"n_images,grid\n4,maybe\n", ["2:grid: not a boolean (true/false, yes/no, 1/0): 'maybe'"]),
+    ("image_set", b"n_images,grid\n4,maybe\n", ["2:grid: Input should be a valid boolean (true/false, yes/no, on/off, 1/0); got 'maybe'"]),
     ("image_set", b"n_images,params.seed\n4,1\n",
      ["1:params.seed: unknown column; known: custom_id, n_images, seed, label, grid, size"]),
     ("article", b"topic\nbees\n\xff\xfeants\nwasps\n", ["3:-: not valid UTF-8 (byte 0)"]),
@@ -136,11 +173,11 @@ def test_csv_problems_are_all_reported_and_good_rows_survive_them():
         b"x" * (MAX_LINE_BYTES + 1) + b"\n",    # 6: too long; parsing resumes on the next line
         b"fine,50,,\n",                         # 7
         b"named,long,,\n",                      # 8: a named length, as in JSONL
-        b"worse,longer,,\n",                    # 9: found by the spec, after the reader
+        b"worse,longer,,\n",                    # 9: found by the spec's own validator
     ])
     items, problems = csv_check("article", data)
     assert [i.line for i in items] == [2, 7, 8] and items[2].input["length"] == 800
-    assert problems == ["3:params.seed: not an integer: 'minus'", "3:params.temperature: not a number: 'hot'",
+    assert problems == [f"3:params.temperature: {NUMBER}; got 'hot'", f"3:params.seed: {INTEGER}; got 'minus'",
                         "5:-: not valid UTF-8 (byte 6)", f"6:-: record is longer than {MAX_LINE_BYTES} bytes",
                         "9:length: " + LENGTH_HELP + "; got 'longer'"]
 

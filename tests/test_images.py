@@ -47,7 +47,8 @@ def run(gen: ImageSetBackend, specs: list[dict], job_id: str = "job-1", params: 
     job = SimpleNamespace(id=job_id, kind="image_set", model="tiny", params=params or {})
     items = [SimpleNamespace(id=i, custom_id=spec.pop("custom_id", f"item-{i}"), input=spec)
              for i, spec in enumerate(dict(s) for s in specs)]
-    return [row for rows in gen.run(job, items) for row in rows]
+    # The columns the backend set (as the row dicts were before ResultRow).
+    return [{k: v for k, v in row if v is not None} for rows in gen.run(job, items) for row in rows]
 
 
 def read(uri: str) -> bytes:
@@ -311,3 +312,22 @@ def test_out_of_memory_halves_the_image_batch_and_keeps_every_image(tiny_gan, tm
     monkeypatch.setattr(gen.model, "generate", no_memory_at_all)
     with pytest.raises(TransientError, match="out of memory generating a single image"):
         run(gen, [{"seed": 1, "n_images": 1}])
+
+
+def test_rows_of_a_batch_come_once_the_next_batch_has_run(tiny_gan, tmp_path):
+    gen = backend(tiny_gan, str(tmp_path / "a"), max_batch_images=2)
+    real, forwards = gen.model.generate, []
+
+    def counting(seeds, **kwargs):
+        forwards.append(len(seeds))
+        return real(seeds, **kwargs)
+
+    gen.model.generate = counting
+    job = SimpleNamespace(id="job-1", kind="image_set", model="tiny", params={})
+    items = [SimpleNamespace(id=i, custom_id=f"item-{i}", input={"seed": i, "n_images": 2})
+             for i in range(3)]
+    seen = [(len(forwards), [row.custom_id for row in rows]) for rows in gen.run(job, items)]
+
+    # item-0 is finished by the first pass and yielded only once the second pass has run.
+    assert seen == [(2, ["item-0"]), (3, ["item-1"]), (3, ["item-2"])]
+    assert forwards == [2, 2, 2]

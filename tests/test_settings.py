@@ -117,3 +117,40 @@ def test_image_settings_and_default_models(monkeypatch, tmp_path):
     monkeypatch.setenv("AIGC_MAX_BATCH_IMAGES", "0")
     with pytest.raises(ValidationError, match="max_batch_images"):
         Settings()
+
+
+def _settings_table_script():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("settings_table", REPO / "scripts" / "settings_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_settings_table_is_the_one_the_model_writes():
+    """A setting is described once, in its Field; README.md's table is generated from it."""
+    script = _settings_table_script()
+    readme = script.README.read_text(encoding="utf-8")
+    assert script.with_table(readme) == readme, "README.md is stale: run python scripts/settings_table.py"
+
+
+def test_every_setting_is_described_and_in_the_table():
+    from schemas.settings import settings_table
+
+    table = settings_table()
+    for name, field in Settings.model_fields.items():
+        assert field.description and len(field.description) > 20, f"AIGC_{name.upper()} is undescribed"
+        assert f"| `AIGC_{name.upper()}` |" in table
+    assert "| `AIGC_ALLOW_DOWNLOADS` | `false` |" in table and "| `AIGC_BROKER_PASSWORD` | none |" in table
+    assert "| `AIGC_MODELS_DIR` | `~/.cache/aigc/models` |" in table  # not this host's path
+
+
+def test_a_stale_table_is_replaced_between_the_markers():
+    script = _settings_table_script()
+    stale = f"intro\n{script.BEGIN}\n| old |\n{script.END}\nafter\n"
+    fresh = script.with_table(stale)
+    assert fresh.startswith(f"intro\n{script.BEGIN}\n| variable |") and fresh.endswith(f"{script.END}\nafter\n")
+    assert "| old |" not in fresh and script.with_table(fresh) == fresh

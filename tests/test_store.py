@@ -11,6 +11,7 @@ from sqlmodel import Session
 from schemas.db import get_engine, upgrade
 from schemas.tables import Item, Job, Result
 from workers import store
+from workers.contract import ClaimedItem, ResultRow
 
 
 def make_job(url: str, n: int) -> tuple[str, list[int]]:
@@ -28,10 +29,10 @@ def make_job(url: str, n: int) -> tuple[str, list[int]]:
     return job_id, ids
 
 
-def row(job_id: str, item: store.ClaimedItem, error: bool = False) -> dict:
+def row(job_id: str, item: ClaimedItem, error: bool = False) -> ResultRow:
     base = {"job_id": job_id, "item_id": item.id, "custom_id": item.custom_id, "kind": "article",
             "model": "m", "params": {}}
-    return base | ({"error_code": "x", "error_message": "bad"} if error else {"output_text": "ok"})
+    return ResultRow(**base, **({"error_code": "x", "error_message": "bad"} if error else {"output_text": "ok"}))
 
 
 def test_an_item_is_leased_to_one_owner_until_its_lease_expires(database_url):

@@ -53,14 +53,3 @@ class DatabaseUnavailable(TransientError):
 
     code = "database_unavailable"
 
-
-def halve_after_out_of_memory(device: object, size: int, unit: str) -> int:
-    """After a forward pass ran out of memory: free what the CUDA cache holds and return the
-    halved batch size to retry with, or raise :class:`TransientError` for a batch of one."""
-    import torch
-
-    if getattr(device, "type", None) == "cuda":
-        torch.cuda.empty_cache()
-    if size == 1:
-        raise TransientError(f"out of memory generating a single {unit}", code="out_of_memory") from None
-    return (size + 1) // 2

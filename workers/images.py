@@ -10,7 +10,6 @@ the next batch runs on the device, a thread pool encodes and writes the previous
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -24,14 +23,14 @@ from schemas.enums import Kind
 from schemas.settings import Settings
 
 from .artifacts import ArtifactStore
-from .errors import TransientError, halve_after_out_of_memory
+from .batching import AdaptiveBatch
+from .contract import ClaimedItem, JobInfo, ResultRow, result_row
+from .errors import TransientError
 from .gan import load_gan, resolve_gan
 from . import imaging
 from .imaging import encode_grid, encode_png
 from .registry import module_bytes, register
 from .seeds import derive_seed
-
-log = logging.getLogger("aigc.worker")
 
 SEED_MODULUS = 2**63  # seeds stay within a signed 64-bit column
 SEED_RULE = "image i uses seed (s + i) mod 2**63"
@@ -43,29 +42,43 @@ def image_seed(item_seed: int, index: int) -> int:
     return (item_seed + index) % SEED_MODULUS
 
 
-@dataclass
-class _Plan:
-    """One item on its way through the batches."""
+@dataclass(frozen=True)
+class ImagePlan:
+    """What one item asks for, settled before any forward pass."""
 
-    item: Any
-    seed: int
-    n: int
-    grid: bool
-    label: str | None
-    folder: str = ""
-    left: int = 0
-    latency_ms: float = 0.0
-    batches: set[int] = field(default_factory=set)
-    saved: list[Future | None] = field(default_factory=list)
-    kept: list[torch.Tensor | None] = field(default_factory=list)  # for the contact sheet
-    sheet: Future | None = None
+    item: ClaimedItem
+    seed: int  # image i uses image_seed(seed, i)
+    n: int  # images to make
+    grid: bool  # and a contact sheet of them
+    label: str | None  # for conditional architectures
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What the row records as the parameters the item ran with."""
+        return {"n_images": self.n, "seed": self.seed, "grid": self.grid, "label": self.label,
+                "seed_rule": SEED_RULE}
+
+
+@dataclass(eq=False)
+class _ImageSet:
+    """One planned item's files while the pool writes them, image by image, in order."""
+
+    plan: ImagePlan
+    folder: str
+    saved: list[Future] = field(default_factory=list)  # each image's write: {uri, bytes, ...}
+    kept: list[torch.Tensor] = field(default_factory=list)  # float images, for the contact sheet
+    sheet: Future | None = None  # the contact sheet's write, once its last image is in
+    latency_ms: float = 0.0  # forward time of the batches it was in
+
+
+_Image = tuple["_ImageSet", int]  # one image to make: its set and its index there
 
 
 @register(Kind.image_set)
 class ImageSetBackend:
     """Runs image sets on one GAN, loaded once per process, writing to the artifact store."""
 
-    def __init__(self, model: str, settings: Settings):
+    def __init__(self, model: str, settings: Settings) -> None:
         self.settings = settings
         self.path = resolve_gan(model, settings.models_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,87 +87,107 @@ class ImageSetBackend:
         self.labels = tuple(getattr(self.model, "labels", ()))
         self.store = ArtifactStore(settings.artifacts())
         self.pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="aigc-png")
-        self.rows_cap: int | None = None  # lowered when a batch ran out of memory
+        self.batching = AdaptiveBatch(self.device, "image")  # halved when a batch runs out of memory
 
-    def run(self, job: Any, items: list[Any]) -> Iterator[list[dict[str, Any]]]:
-        """Yield result rows (dicts for ``results``) as each item's files are written."""
+    @property
+    def rows_cap(self) -> int | None:
+        """The most images a batch may have on this device since one ran out of memory, or None."""
+        return self.batching.cap
+
+    def run(self, job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]:
+        """Yield each item's row once its files are written: plan every item, then per batch of
+        images a forward pass, their files handed to the pool, and the rows of the items the
+        previous batch finished (written while this one ran)."""
+        plans, refused = self._plan(job, items)
+        sets = [_ImageSet(plan, self.store.item_folder(job.id, plan.item.custom_id)) for plan in plans]
+        if refused:
+            yield refused
+        queue = [(image_set, index) for image_set in sets for index in range(image_set.plan.n)]
+        writing: list[_ImageSet] = []  # sets whose last image was in the previous batch
+        for batch in self._batches(queue):
+            images, latency_ms = self._forward(batch)  # (B, C, H, W)
+            finished = self._save(batch, images, latency_ms)
+            if writing:
+                yield [self._done_row(job, image_set) for image_set in writing]
+            writing = finished
+        if writing:
+            yield [self._done_row(job, image_set) for image_set in writing]
+
+    def _plan(self, job: JobInfo, items: list[ClaimedItem]) -> tuple[list[ImagePlan], list[ResultRow]]:
+        """The plans of the items this model can make, and the error rows of those it cannot."""
         plans, refused = [], []
         for item in items:
-            spec = item.input
-            seed = spec.get("seed")
+            seed = item.input.get("seed")
             if seed is None:
                 seed = (job.params or {}).get("seed")
             if seed is None:
                 seed = derive_seed(job.id, item.custom_id)
-            plan = _Plan(item, int(seed), int(spec.get("n_images", 4)), bool(spec.get("grid")),
-                         spec.get("label"))
-            size = getattr(self.model, "image_size", None)
-            if spec.get("size") and size and spec["size"] != f"{size}x{size}":
-                refused.append(self._row(job, plan) | {
-                    "error_code": "size_not_supported",
-                    "error_message": f"model {job.model} ({self.config['architecture']}) makes "
-                    f"{size}x{size} images; got size {spec['size']!r}"})
-                continue
-            if plan.label is not None and plan.label not in self.labels:
-                refused.append(self._row(job, plan) | {
-                    "error_code": "label_not_supported",
-                    "error_message": f"model {job.model} ({self.config['architecture']}) "
-                    + (f"knows the labels {', '.join(self.labels)}" if self.labels else
-                       "is unconditional: it takes no label") + f"; got {plan.label!r}"})
-                continue
-            plan.folder = self.store.item_folder(job.id, item.custom_id)
-            plan.left = plan.n
-            plan.saved, plan.kept = [None] * plan.n, [None] * plan.n
-            plans.append(plan)
-        if refused:
-            yield refused
-        queue = [(plan, i) for plan in plans for i in range(plan.n)]
-        finishing: list[_Plan] = []
-        start, number = 0, 0
+            plan = ImagePlan(item, int(seed), int(item.input.get("n_images", 4)),
+                             bool(item.input.get("grid")), item.input.get("label"))
+            refusal = self._refusal(job, plan)
+            if refusal is None:
+                plans.append(plan)
+            else:
+                refused.append(refusal)
+        return plans, refused
+
+    def _refusal(self, job: JobInfo, plan: ImagePlan) -> ResultRow | None:
+        """The error row of an item asking for what this model does not make, else None."""
+        size, wanted = getattr(self.model, "image_size", None), plan.item.input.get("size")
+        if wanted and size and wanted != f"{size}x{size}":
+            return self._row(job, plan, error_code="size_not_supported",
+                             error_message=f"model {job.model} ({self.config['architecture']}) makes "
+                             f"{size}x{size} images; got size {wanted!r}")
+        if plan.label is not None and plan.label not in self.labels:
+            return self._row(job, plan, error_code="label_not_supported",
+                             error_message=f"model {job.model} ({self.config['architecture']}) "
+                             + (f"knows the labels {', '.join(self.labels)}" if self.labels else
+                                "is unconditional: it takes no label") + f"; got {plan.label!r}")
+        return None
+
+    def _batches(self, queue: list[_Image]) -> Iterator[list[_Image]]:
+        """``queue`` in order, cut into batches of ``AIGC_MAX_BATCH_IMAGES`` or of what fit in
+        memory, decided as each batch starts."""
+        start = 0
         while start < len(queue):
-            size = min(self.settings.max_batch_images, self.rows_cap or self.settings.max_batch_images)
-            batch, start, number = queue[start:start + size], start + size, number + 1
-            images, latency_ms = self._forward([image_seed(p.seed, i) for p, i in batch],
-                                               [p.label for p, _ in batch])
-            # Without torchvision, convert the whole batch at once; threads then only encode.
-            pixels = images if imaging.tv_utils is not None else imaging.to_uint8(images)
-            finished = []
-            for (plan, index), image, pixel in zip(batch, images, pixels):
-                if number not in plan.batches:
-                    plan.batches.add(number)
-                    plan.latency_ms += latency_ms
-                plan.saved[index] = self.pool.submit(self._save_image, plan.folder, index, pixel)
-                if plan.grid:
-                    plan.kept[index] = image
-                plan.left -= 1
-                if plan.left == 0:
-                    if plan.grid:
-                        plan.sheet = self.pool.submit(self._save_grid, plan.folder, plan.kept)
-                        plan.kept = []
-                    finished.append(plan)
-            if finishing:  # the previous batch's files were written while this one ran
-                yield [self._done_row(job, plan) for plan in finishing]
-            finishing = finished
-        if finishing:
-            yield [self._done_row(job, plan) for plan in finishing]
+            size = self.batching.limit(self.settings.max_batch_images)
+            yield queue[start:start + size]
+            start += size
 
-    def _forward(self, seeds: list[int], labels: list[str | None]) -> tuple[torch.Tensor, float]:
-        """(B, C, H, W) float images on the CPU and the forward time; halves on out-of-memory.
+    def _forward(self, batch: list[_Image]) -> tuple[torch.Tensor, float]:
+        """(B, C, H, W) float images on the CPU and the forward time, halving on out-of-memory."""
+        seeds = [image_seed(image_set.plan.seed, index) for image_set, index in batch]
+        labels = [image_set.plan.label for image_set, _ in batch]
+        parts = list(self.batching.run(len(batch),
+                                       lambda part: self._generate(seeds[part], labels[part])))
+        images = parts[0][0] if len(parts) == 1 else torch.cat([images for images, _ in parts])
+        return images, sum(ms for _, ms in parts)
 
-        A conditional architecture (one that declares ``labels``) gets each image's label too.
-        """
-        try:
-            started = time.perf_counter()
-            kwargs = {"labels": labels} if self.labels else {}
-            images = self.model.generate(seeds, **kwargs).float().cpu()
-            return images, (time.perf_counter() - started) * 1000
-        except torch.OutOfMemoryError:
-            half = halve_after_out_of_memory(self.device, len(seeds), "image")
-        self.rows_cap = half
-        log.warning("out of memory at %d images; retrying as batches of at most %d", len(seeds), half)
-        first, first_ms = self._forward(seeds[:half], labels[:half])
-        second, second_ms = self._forward(seeds[half:], labels[half:])
-        return torch.cat([first, second]), first_ms + second_ms
+    def _generate(self, seeds: list[int], labels: list[str | None]) -> tuple[torch.Tensor, float]:
+        """One forward pass. A conditional architecture (one that declares ``labels``) gets
+        each image's label too."""
+        started = time.perf_counter()
+        kwargs = {"labels": labels} if self.labels else {}
+        images = self.model.generate(seeds, **kwargs).float().cpu()  # (B, C, H, W) in [-1, 1]
+        return images, (time.perf_counter() - started) * 1000
+
+    def _save(self, batch: list[_Image], images: torch.Tensor, latency_ms: float) -> list[_ImageSet]:
+        """Hand the batch's files to the pool; the sets whose last image this batch made."""
+        # Without torchvision, convert the whole batch at once; threads then only encode.
+        pixels = images if imaging.tv_utils is not None else imaging.to_uint8(images)
+        for image_set in dict.fromkeys(image_set for image_set, _ in batch):
+            image_set.latency_ms += latency_ms
+        finished = []
+        for (image_set, index), image, pixel in zip(batch, images, pixels):
+            image_set.saved.append(self.pool.submit(self._save_image, image_set.folder, index, pixel))
+            if image_set.plan.grid:
+                image_set.kept.append(image)
+            if index == image_set.plan.n - 1:  # a set's images are queued in order
+                if image_set.plan.grid:
+                    image_set.sheet = self.pool.submit(self._save_grid, image_set.folder, image_set.kept)
+                    image_set.kept = []
+                finished.append(image_set)
+        return finished
 
     def _save_image(self, folder: str, index: int, image: torch.Tensor) -> dict[str, Any]:
         data = encode_png(image)
@@ -166,24 +199,21 @@ class ImageSetBackend:
         uri = self.store.write(folder, "grid.png", data)
         return {"uri": uri, "bytes": len(data), "width": width, "height": height}
 
-    def _row(self, job: Any, plan: _Plan) -> dict[str, Any]:
-        item = plan.item
-        return {"job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
-                "model": job.model, "seed": plan.seed, "device": str(self.device),
-                "params": {"n_images": plan.n, "seed": plan.seed, "grid": plan.grid,
-                           "label": plan.label, "seed_rule": SEED_RULE}}
+    def _row(self, job: JobInfo, plan: ImagePlan, **fields: Any) -> ResultRow:
+        return result_row(job, plan.item, seed=plan.seed, device=str(self.device),
+                          params=plan.params, **fields)
 
-    def _done_row(self, job: Any, plan: _Plan) -> dict[str, Any]:
+    def _done_row(self, job: JobInfo, image_set: _ImageSet) -> ResultRow:
         try:
-            images = [future.result() for future in plan.saved]
-            sheet = plan.sheet.result() if plan.sheet else None
+            images = [future.result() for future in image_set.saved]
+            sheet = image_set.sheet.result() if image_set.sheet else None
         except OSError as exc:  # the store is away (disk full, network): try again later
             raise TransientError(f"writing to the artifact store {self.store.root} failed: {exc}",
                                  code="artifact_store_unavailable") from exc
         for index, image in enumerate(images):
-            image["seed"] = image_seed(plan.seed, index)
+            image["seed"] = image_seed(image_set.plan.seed, index)
         uris = [image["uri"] for image in images] + ([sheet["uri"]] if sheet else [])
         output = {"architecture": self.config["architecture"], "width": images[0]["width"],
                   "height": images[0]["height"], "images": images, "grid": sheet}
-        return self._row(job, plan) | {"output": output, "artifact_uris": uris,
-                                       "latency_ms": round(plan.latency_ms, 3)}
+        return self._row(job, image_set.plan, output=output, artifact_uris=uris,
+                         latency_ms=round(image_set.latency_ms, 3))

@@ -11,7 +11,6 @@ one gets them as ``User:``/``Assistant:`` text and stops before the next ``User:
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Hashable, Iterator, Sequence
@@ -28,12 +27,11 @@ from transformers import (
 from schemas.settings import DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, get_settings
 from schemas.specs import GenerationParams
 
+from .batching import AdaptiveBatch
 from .decode import DecodeStats, decode
-from .errors import ModelNotFoundError, halve_after_out_of_memory
+from .errors import ModelNotFoundError
 from .precision import load_dtype, quantize_int8, quantized_bytes, resolve_precision
 from .registry import module_bytes
-
-log = logging.getLogger("aigc.worker")
 
 BUILTIN_MODELS = {DEFAULT_TEXT_MODEL: Path(__file__).parent / "models" / DEFAULT_TEXT_MODEL}
 FETCHED_MODELS = (PRETRAINED_TEXT_MODEL,)  # names `aigc models fetch` puts in AIGC_MODELS_DIR
@@ -205,8 +203,13 @@ class CausalLM:
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024)
-        self.rows_cap: int | None = None  # lowered when a batch ran out of memory
+        self.batching = AdaptiveBatch(self.device, "row")  # halved when a batch runs out of memory
         self.stats = DecodeStats()  # what every batch so far computed and kept (benchmarks read it)
+
+    @property
+    def rows_cap(self) -> int | None:
+        """The most rows a batch may have on this device since one ran out of memory, or None."""
+        return self.batching.cap
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -244,10 +247,12 @@ class CausalLM:
         for members in groups.values():
             lengths = [len(encoded[i]) for i in members]
             news = [requests[i].params.max_new_tokens for i in members]
-            rows = min(max_rows, self.rows_cap or max_rows)
+            rows = self.batching.limit(max_rows)
             for batch in plan_batches(lengths, news, rows, max_tokens, bucketing):
-                chosen = [members[j] for j in batch]
-                yield from self._run_adaptive([requests[i] for i in chosen], [encoded[i] for i in chosen])
+                chosen = [requests[members[j]] for j in batch]
+                ids = [encoded[members[j]] for j in batch]
+                yield from self.batching.run(len(batch), lambda part, rows=chosen, tokens=ids:
+                                             self._run_batch(rows[part], tokens[part]))
 
     def _fit(self, request: TextRequest, prompt_tokens: int) -> tuple[TextRequest, TextOutput | None]:
         """The request within the model's context, or the error output saying what does not fit."""
@@ -270,22 +275,6 @@ class CausalLM:
             f"max_new_tokens={wanted} does not fit: the prompt is {prompt_tokens} tokens and the "
             f"model's context is {self.context}, which leaves {room}; lower max_new_tokens "
             f"to at most {room} (or shorten the prompt)", params=request.params)
-
-    def _run_adaptive(self, requests: list[TextRequest], ids: list[list[int]]) -> Iterator[list[TextOutput]]:
-        """Run a batch; on out-of-memory halve it, retry, and remember the smaller size.
-
-        A single row that does not fit raises :class:`TransientError`: another attempt (later,
-        or on a worker with a larger device) may succeed.
-        """
-        try:
-            yield self._run_batch(requests, ids)
-            return
-        except torch.OutOfMemoryError:
-            half = halve_after_out_of_memory(self.device, len(requests), "row")
-        self.rows_cap = half
-        log.warning("out of memory at %d rows; retrying as batches of at most %d", len(requests), half)
-        yield from self._run_adaptive(requests[:half], ids[:half])
-        yield from self._run_adaptive(requests[half:], ids[half:])
 
     def _run_batch(self, requests: list[TextRequest], ids: list[list[int]]) -> list[TextOutput]:
         """One left-padded batch (prompts end together) through :func:`workers.decode.decode`,

@@ -1,9 +1,10 @@
 """Generator backends register here by job kind, GAN architectures by name; nothing branches.
 
-A backend is a class taking ``(model, settings)`` whose ``run(job, items)`` yields lists of
-result rows, one list per batch, and whose ``memory_bytes`` says what its weights occupy.
-Instances are cached per process (models stay warm) in an LRU bounded by memory
-(``AIGC_MODEL_CACHE_MB``), so a worker can switch models without holding every one it ever used.
+A backend is a :class:`workers.contract.Generator`: a class taking ``(model, settings)`` whose
+``run(job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]`` yields the rows of
+one batch at a time, and whose ``memory_bytes`` says what its weights occupy. Instances are
+cached per process (models stay warm) in an LRU bounded by memory (``AIGC_MODEL_CACHE_MB``), so
+a worker can switch models without holding every one it ever used.
 
 A GAN architecture is an ``nn.Module`` class registered under the name that model folders put
 in their ``config.json`` (``"architecture": "dcgan"``); the image backend builds whichever the
@@ -18,11 +19,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from schemas.enums import Kind
 from schemas.settings import Settings
 
+from .contract import Generator
 from .errors import UnknownArchitectureError, UnknownKindError
 
 # Modules whose import registers the built-in backends (imported on first lookup: they need torch).
@@ -30,21 +32,16 @@ BUILTIN_BACKENDS = ("workers.text", "workers.images")
 BUILTIN_ARCHITECTURES = ("workers.dcgan",)
 
 
-class Generator(Protocol):
-    memory_bytes: int
-
-    def run(self, job: Any, items: list[Any]) -> Any: ...
-
-
-_backends: dict[Kind, type] = {}
+_backends: dict[Kind, type[Generator]] = {}
 _architectures: dict[str, type] = {}
-_warm: OrderedDict[tuple[type, str], Generator] = OrderedDict()
+_warm: OrderedDict[tuple[type[Generator], str], Generator] = OrderedDict()
 _lock = threading.Lock()
+C = TypeVar("C", bound=type)  # a backend class, returned as it was
 
 
-def register(*kinds: Kind) -> Callable[[type], type]:
+def register(*kinds: Kind) -> Callable[[C], C]:
     """Class decorator: ``cls`` generates ``kinds``. Registering a kind twice is an error."""
-    def decorator(cls: type) -> type:
+    def decorator(cls: C) -> C:
         for kind in kinds:
             if kind in _backends:
                 raise ValueError(f"kind {kind} already has backend {_backends[kind].__name__}")
@@ -81,7 +78,8 @@ def architecture_for(name: str) -> type:
         ) from None
 
 
-def backend_for(kind: Kind | str) -> type:
+def backend_for(kind: Kind | str) -> type[Generator]:
+    """The backend class registered for ``kind``; :class:`UnknownKindError` if none."""
     for module in BUILTIN_BACKENDS:
         importlib.import_module(module)
     try:

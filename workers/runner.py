@@ -14,6 +14,7 @@ from schemas.enums import ItemStatus, JobStatus
 from schemas.settings import Settings
 
 from . import store
+from .contract import ClaimedItem, JobInfo, ResultRow, as_result_rows, result_row
 from .errors import PermanentError, TransientError
 from .registry import get_generator
 from .retry import RetryPolicy
@@ -82,17 +83,18 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}
 
 
-def _generate(job: Any, items: list[Any], writer: "_Writer", engine: Any, settings: Settings,
-              policy: RetryPolicy, last_attempt: bool) -> list[Any]:
+def _generate(job: JobInfo, items: list[ClaimedItem], writer: "_Writer", engine: Any,
+              settings: Settings, policy: RetryPolicy, last_attempt: bool) -> list[ClaimedItem]:
     """Generate batch by batch, handing rows to the writer; the items left unfinished."""
     try:
         batches = get_generator(job.kind, job.model, settings).run(job, items)
-        for rows in batches:
+        for yielded in batches:
+            rows = as_result_rows(yielded)
             writer.submit(rows)  # written while the next batch generates
-            finished = {row["item_id"] for row in rows}
+            finished = {row.item_id for row in rows}
             items = [item for item in items if item.id not in finished]
             if items and policy.ride_out(store.job_status, engine=engine, job_id=job.id) != JobStatus.running:
-                batches.close()  # cancelled: what has not started never will
+                getattr(batches, "close", lambda: None)()  # cancelled: what has not started never will
                 break
         return items
     except TransientError as exc:
@@ -109,8 +111,8 @@ def _generate(job: Any, items: list[Any], writer: "_Writer", engine: Any, settin
     return []
 
 
-def _generate_carefully(job: Any, items: list[Any], writer: "_Writer", engine: Any,
-                        settings: Settings, policy: RetryPolicy, last_attempt: bool) -> list[Any]:
+def _generate_carefully(job: JobInfo, items: list[ClaimedItem], writer: "_Writer", engine: Any,
+                        settings: Settings, policy: RetryPolicy, last_attempt: bool) -> list[ClaimedItem]:
     """A chunk whose earlier run died: one item at a time, each written before the next.
 
     One of these items may be what kills the worker. Run singly, only the item actually
@@ -128,9 +130,8 @@ def _generate_carefully(job: Any, items: list[Any], writer: "_Writer", engine: A
     return []
 
 
-def _error_rows(job: Any, items: list[Any], code: str, message: str) -> list[dict[str, Any]]:
-    return [{"job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
-             "model": job.model, "params": job.params, "error_code": code, "error_message": message}
+def _error_rows(job: JobInfo, items: list[ClaimedItem], code: str, message: str) -> list[ResultRow]:
+    return [result_row(job, item, params=job.params, error_code=code, error_message=message)
             for item in items]
 
 
@@ -156,12 +157,13 @@ class _Writer:
             d, f = self.pending.result()
             self.done, self.failed, self.pending = self.done + d, self.failed + f, None
 
-    def submit(self, rows: list[dict[str, Any]]) -> None:
-        self.device = self.device or next((row.get("device") for row in rows if row.get("device")), None)
+    def submit(self, rows: list[ResultRow]) -> None:
+        self.device = self.device or next((row.device for row in rows if row.device), None)
         self.flush()
-        self.pending = self.pool.submit(self._record, [{"worker": self.worker, **row} for row in rows])
+        self.pending = self.pool.submit(self._record, [
+            row if row.worker else row.model_copy(update={"worker": self.worker}) for row in rows])
 
-    def _record(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    def _record(self, rows: list[ResultRow]) -> tuple[int, int]:
         run = {"id": self.run_id, "duration_ms": (time.monotonic() - self.started) * 1000}
         return self.policy.ride_out(store.write_results, engine=self.engine, job_id=self.job_id,
                                     rows=rows, owner=self.owner, run=run)

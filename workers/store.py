@@ -9,7 +9,6 @@ and repeat it through a database outage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -20,23 +19,7 @@ from schemas import lifecycle
 from schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
 from schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
 
-
-@dataclass(frozen=True)
-class JobInfo:
-    id: str
-    kind: str
-    model: str
-    params: dict[str, Any]
-    status: str
-
-
-@dataclass(frozen=True)
-class ClaimedItem:
-    id: int
-    custom_id: str
-    index: int
-    input: dict[str, Any]
-    attempts: int = 1
+from .contract import ClaimedItem, JobInfo, ResultRow
 
 
 def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
@@ -76,17 +59,12 @@ def mark_running(*, engine: Engine, job_id: str) -> None:
                            .values(status=JobStatus.running, started_at=now, updated_at=now))
 
 
-# Every row of one bulk insert must name the same columns.
-_NULLABLE_RESULT_COLUMNS = {c.name: None for c in Result.__table__.columns
-                            if c.nullable and not c.primary_key}
-
-
-def _insert_ignoring_duplicates(engine: Engine):
+def _insert_ignoring_duplicates(engine: Engine) -> Any:
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     return dialect.insert(Result).on_conflict_do_nothing(index_elements=["job_id", "custom_id"])
 
 
-def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], owner: str,
+def write_results(*, engine: Engine, job_id: str, rows: list[ResultRow], owner: str,
                   run: dict[str, Any] | None = None) -> tuple[int, int]:
     """Upsert result rows, finish their items, bump the job's counts; one transaction.
 
@@ -103,11 +81,12 @@ def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], ow
         last = connection.execute(update(Counter).where(Counter.name == "results")
                                   .values(value=Counter.value + len(rows))
                                   .returning(Counter.value)).scalar_one()
-        rows = [{**_NULLABLE_RESULT_COLUMNS, "created_at": now, **row, "seq": last - len(rows) + i + 1}
-                for i, row in enumerate(rows)]
-        connection.execute(_insert_ignoring_duplicates(engine), rows)
+        # Every row names every column (one bulk insert); ids and seq are assigned here.
+        values = [{**dict(row), "created_at": row.created_at or now, "seq": last - len(rows) + i + 1}
+                  for i, row in enumerate(rows)]
+        connection.execute(_insert_ignoring_duplicates(engine), values)
         for status in (ItemStatus.done, ItemStatus.error):
-            ids = [r["item_id"] for r in rows if (r["error_code"] is None) == (status == ItemStatus.done)]
+            ids = [r.item_id for r in rows if r.failed == (status == ItemStatus.error)]
             counted[status] = []
             if ids:
                 counted[status] = list(connection.execute(
@@ -124,15 +103,15 @@ def write_results(*, engine: Engine, job_id: str, rows: list[dict[str, Any]], ow
             )
         if run is not None:
             mine = set(counted[ItemStatus.done]) | set(counted[ItemStatus.error])
-            mine_rows = [r for r in rows if r["item_id"] in mine]
+            mine_rows = [r for r in rows if r.item_id in mine]
             connection.execute(
                 update(ChunkRun).where(ChunkRun.id == run["id"]).values(
                     done=ChunkRun.done + done, failed=ChunkRun.failed + failed,
-                    prompt_tokens=ChunkRun.prompt_tokens + sum(r["prompt_tokens"] or 0 for r in mine_rows),
-                    output_tokens=ChunkRun.output_tokens + sum(r["output_tokens"] or 0 for r in mine_rows),
-                    artifacts=ChunkRun.artifacts + sum(len(r["artifact_uris"] or ()) for r in mine_rows),
-                    device=func.coalesce(ChunkRun.device, next((r.get("device") for r in mine_rows
-                                                                 if r.get("device")), None)),
+                    prompt_tokens=ChunkRun.prompt_tokens + sum(r.prompt_tokens or 0 for r in mine_rows),
+                    output_tokens=ChunkRun.output_tokens + sum(r.output_tokens or 0 for r in mine_rows),
+                    artifacts=ChunkRun.artifacts + sum(len(r.artifact_uris or ()) for r in mine_rows),
+                    device=func.coalesce(ChunkRun.device, next((r.device for r in mine_rows
+                                                                 if r.device), None)),
                     finished_at=now, duration_ms=run["duration_ms"]))
     return done, failed
 

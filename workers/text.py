@@ -17,6 +17,7 @@ from schemas.settings import Settings
 from schemas.specs import GenerationParams, chose_max_new_tokens, effective_params, is_templated
 from schemas.templates import is_empty, output_text, parse_output, render_messages, render_prompt
 
+from .contract import ClaimedItem, JobInfo, ResultRow, result_row
 from .lm import CausalLM, TextOutput, TextRequest
 from .registry import register
 from .seeds import derive_seed
@@ -28,7 +29,7 @@ VARIANT_TEMPERATURE = 0.8  # several variants of one item are sampled, never all
 class _Plan:
     """One item on its way: what it asked for, and its variants' outputs as they come back."""
 
-    item: Any
+    item: ClaimedItem
     params: GenerationParams
     seed: int
     fit: bool  # max_new_tokens is a default, which may shrink to fit the model's context
@@ -43,15 +44,15 @@ class _Plan:
 class TextBackend:
     """Runs text kinds on one causal LM, loaded once per process."""
 
-    def __init__(self, model: str, settings: Settings):
+    def __init__(self, model: str, settings: Settings) -> None:
         self.settings = settings
         self.lm = CausalLM(model, allow_downloads=settings.allow_downloads,
                            models_dir=settings.models_dir, precision=settings.text_precision)
         self.device = str(self.lm.device)
         self.memory_bytes = self.lm.memory_bytes
 
-    def run(self, job: Any, items: list[Any]) -> Iterator[list[dict[str, Any]]]:
-        """Yield result rows (dicts for ``results``) as each batch finishes."""
+    def run(self, job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]:
+        """Yield the rows of the items whose variants are all back, as each batch finishes."""
         plans, requests = [], []
         for item in items:
             plan = self._plan(job, item)
@@ -70,7 +71,7 @@ class TextBackend:
             if rows:
                 yield rows
 
-    def _plan(self, job: Any, item: Any) -> _Plan:
+    def _plan(self, job: JobInfo, item: ClaimedItem) -> _Plan:
         params = effective_params(job.kind, job.params, item.input)
         seed = params.seed if params.seed is not None else derive_seed(job.id, item.custom_id)
         if params.n > 1 and params.temperature == 0:
@@ -89,28 +90,27 @@ class TextBackend:
             return TextRequest(key, "", seed=seed, messages=messages, prefix=prefix, **common)
         return TextRequest(key, render_prompt(kind, spec), seed=seed, **common)
 
-    def _row(self, job: Any, plan: _Plan) -> dict[str, Any]:
+    def _row(self, job: JobInfo, plan: _Plan) -> ResultRow:
         outputs = sorted(plan.outputs, key=lambda o: o.key)
         used = max((o.params or plan.params for o in outputs), key=lambda p: p.max_new_tokens)
         item = plan.item
-        row = {
-            "job_id": job.id, "item_id": item.id, "custom_id": item.custom_id, "kind": job.kind,
-            "model": job.model, "seed": plan.seed,
-            "params": used.model_dump(mode="json") | {"precision": self.lm.precision},
+        made = {
+            "seed": plan.seed, "params": used.model_dump(mode="json") | {"precision": self.lm.precision},
             "prompt_tokens": outputs[0].prompt_tokens,
             "output_tokens": sum(o.output_tokens for o in outputs),
             "latency_ms": max(o.latency_ms for o in outputs), "device": self.device,
         }
         failed = next((o for o in outputs if o.error_code), None)
         if failed:
-            return row | {"error_code": failed.error_code, "error_message": failed.error_message}
+            return result_row(job, item, **made, error_code=failed.error_code,
+                              error_message=failed.error_message)
         parsed = [parse_output(job.kind, item.input, o.text, o.finish_reason == "length")
                   for o in outputs]
         empty = [n for n, p in enumerate(parsed, 1) if is_templated(item.input) and is_empty(job.kind, p)]
         if empty:
             which = "its output" if len(parsed) == 1 else f"variant(s) {', '.join(map(str, empty))} of {len(parsed)}"
-            return row | {"error_code": "empty_output", "error_message": f"the model wrote nothing "
-                          f"usable for {which}", "finish_reason": None}
+            return result_row(job, item, **made, error_code="empty_output",
+                              error_message=f"the model wrote nothing usable for {which}")
         finish = "length" if any(o.finish_reason == "length" for o in outputs) else "stop"
         texts = [output_text(job.kind, p) for p in parsed]
         if len(outputs) == 1:
@@ -119,4 +119,4 @@ class TextBackend:
             output = {"variants": [p | {"text": t, "finish_reason": o.finish_reason}
                                    for p, t, o in zip(parsed, texts, outputs)]}
             text = "\n\n".join(t.strip() for t in texts)
-        return row | {"output": output, "output_text": text, "finish_reason": finish}
+        return result_row(job, item, **made, output=output, output_text=text, finish_reason=finish)
