@@ -23,7 +23,7 @@ from sqlmodel import Session
 
 from schemas.db import ensure_schema
 from schemas.dispatch import MAX_PRIORITY
-from schemas.enums import ItemStatus, JobStatus, Kind
+from schemas.enums import UNFINISHED_JOB_STATUSES, ItemStatus, JobStatus, Kind
 from schemas.formats import FORMATS, OPENAI_KIND, detect_format, reader_for
 from schemas.parsing import (
     MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, problems_from, validate_items,
@@ -267,9 +267,8 @@ def list_jobs(*, limit: int = 20, settings: Settings | None = None) -> list[Job]
 def active_jobs(*, settings: Settings | None = None) -> list[Job]:
     """Jobs not yet finished (queued, running, cancelling), oldest first."""
     engine = ensure_schema((settings or get_settings()).database_url)
-    unfinished = [s for s in JobStatus if not s.is_terminal]
     with Session(engine, expire_on_commit=False) as session:
-        return list(session.exec(select(Job).where(Job.status.in_(unfinished))
+        return list(session.exec(select(Job).where(Job.status.in_(UNFINISHED_JOB_STATUSES))
                                  .order_by(Job.created_at)).scalars())
 
 

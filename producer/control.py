@@ -12,7 +12,7 @@ from sqlalchemy import and_, exists, or_, select, update
 
 from schemas import lifecycle
 from schemas.db import ensure_schema
-from schemas.enums import ItemStatus, JobStatus
+from schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
 from schemas.settings import Settings, get_settings
 from schemas.tables import Item, Job, utcnow
 
@@ -81,7 +81,7 @@ def sweep(*, stale_seconds: float = 600, settings: Settings | None = None) -> di
     has_work = exists().where(Item.job_id == Job.id, _resumable())
     with engine.connect() as connection:
         stale = connection.execute(
-            select(Job.id).where(Job.status.in_(lifecycle.ACTIVE), Job.updated_at < cutoff, has_work)
+            select(Job.id).where(Job.status.in_(ACTIVE_JOB_STATUSES), Job.updated_at < cutoff, has_work)
         ).scalars().all()
     for job_id in stale:
         sent[job_id] = sent.get(job_id, 0) + resume(job_id, settings=settings)
@@ -108,7 +108,7 @@ def _release_expired(settings: Settings, engine: Any) -> dict[str, int]:
     for job_id in free((JobStatus.cancelling,), ItemStatus.cancelled):
         lifecycle.finish_cancel(engine=engine, job_id=job_id)
     sent = {}
-    for job_id, ids in free(lifecycle.ACTIVE, ItemStatus.pending).items():
+    for job_id, ids in free(ACTIVE_JOB_STATUSES, ItemStatus.pending).items():
         with engine.connect() as connection:
             job = connection.execute(select(Job.kind, Job.priority).where(Job.id == job_id)).one()
         sent[job_id] = _resend(settings, engine, job_id, job.kind, job.priority, Item.id.in_(ids))

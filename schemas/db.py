@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -49,11 +50,14 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision among the migration scripts (read from disk once per process)."""
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The revision the database behind ``engine`` is at; ``None`` when it has none."""
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
@@ -63,19 +67,36 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+# Engines whose database was found at the newest revision: checked once, not on every call
+# (a producer's wait() polls status() every half second). A failed check is not remembered.
+_current: set[Engine] = set()
+_checking = threading.Lock()
+
+
 def ensure_schema(url: str) -> Engine:
-    """The engine for ``url``, after checking its schema is current.
+    """The engine for ``url``, after checking its schema is current (once per engine).
 
     A fresh SQLite file is migrated on first use; any other database that is not at the newest
-    revision raises :class:`SchemaError` telling the operator to run ``aigc db upgrade``.
+    revision raises :class:`SchemaError` telling the operator to run ``aigc db upgrade``, at
+    every call until it is.
     """
     engine = get_engine(url)
+    if engine in _current:
+        return engine
+    with _checking:  # threads of one server: one check, and one migration of a fresh file
+        if engine not in _current:
+            _check_schema(url, engine)
+            _current.add(engine)
+    return engine
+
+
+def _check_schema(url: str, engine: Engine) -> None:
     current = current_revision(engine)
     if current == head_revision():
-        return engine
+        return
     if current is None and engine.dialect.name == "sqlite":
         upgrade(url)
-        return engine
+        return
     raise SchemaError(
         f"database {redact_url(url)} is at schema revision {current or 'none'}, "
         f"this aigc needs {head_revision()}: run `aigc db upgrade`"

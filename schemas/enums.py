@@ -30,10 +30,19 @@ class JobStatus(StrEnum):
     def is_terminal(self) -> bool:
         return self in TERMINAL_JOB_STATUSES
 
+    @property
+    def is_active(self) -> bool:
+        return self in ACTIVE_JOB_STATUSES
 
-TERMINAL_JOB_STATUSES = frozenset(
-    {JobStatus.completed, JobStatus.completed_with_errors, JobStatus.failed, JobStatus.cancelled}
-)
+
+# The job status sets, each defined here once; tuples so that SQL `IN (...)` lists are stable.
+# Active: work goes on; items may be claimed, the job cancelled, its lost messages re-sent.
+ACTIVE_JOB_STATUSES = (JobStatus.queued, JobStatus.running)
+# Terminal: nothing will change any more.
+TERMINAL_JOB_STATUSES = (JobStatus.completed, JobStatus.completed_with_errors, JobStatus.failed,
+                         JobStatus.cancelled)
+# Unfinished: not terminal yet (active, or cancelling while its running items finish).
+UNFINISHED_JOB_STATUSES = tuple(status for status in JobStatus if status not in TERMINAL_JOB_STATUSES)
 
 
 class ItemStatus(StrEnum):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, exists, select, update
 
-from .enums import ItemStatus, JobStatus
+from .enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
 from .tables import Item, Job, utcnow
-
-ACTIVE = (JobStatus.queued, JobStatus.running)
 
 
 def request_cancel(*, engine: Engine, job_id: str) -> str | None:
@@ -23,8 +21,8 @@ def request_cancel(*, engine: Engine, job_id: str) -> str | None:
     now = utcnow()
     with engine.begin() as connection:
         status = connection.execute(select(Job.status).where(Job.id == job_id)).scalar()
-        if status in ACTIVE:
-            connection.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
+        if status in ACTIVE_JOB_STATUSES:
+            connection.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES)).values(
                 status=JobStatus.cancelling, cancel_requested_at=now, updated_at=now))
             connection.execute(update(Item)
                                .where(Item.job_id == job_id, Item.status == ItemStatus.pending)

@@ -24,6 +24,7 @@ from workers import registry, runner
 from workers.batching import AdaptiveBatch
 from workers.contract import ClaimedItem, JobInfo, as_result_rows, result_row
 from workers.errors import TransientError
+from workers.retry import RetryPolicy
 
 from test_store import make_job
 
@@ -58,7 +59,8 @@ def test_a_typed_plugin_runs_end_to_end_and_its_rows_export(database_url, monkey
     settings = Settings(database_url=database_url)
     job_id, ids = make_job(database_url, 3)
 
-    summary = runner.run_chunk(job_id, ids, worker="w1", settings=settings)
+    summary = runner.run_chunk(job_id, ids, worker="w1", settings=settings,
+                               policy=RetryPolicy.from_settings(settings))
 
     assert (summary["done"], summary["failed"]) == (2, 1)
     assert api.status(job_id, settings=settings).status == "completed_with_errors"

@@ -122,3 +122,17 @@ def test_inputs_round_trip_exactly_through_bulk_insert(settings):
         stored = session.exec(select(Item.custom_id, Item.input).where(Item.job_id == job_id)
                               .order_by(Item.index)).all()
     assert [(c, i["prompt"]) for c, i in stored] == [(f"u{i}", t.strip()) for i, t in enumerate(tricky)]
+
+
+def test_submit_file_takes_the_options_of_submit_typed():
+    import inspect
+
+    from producer import api
+
+    options = {name: p for name, p in inspect.signature(api.submit).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    file_options = inspect.signature(api.submit_file).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in file_options.values())
+    for name, parameter in options.items():
+        assert file_options[name].annotation == parameter.annotation, name
+        assert file_options[name].default == parameter.default, name

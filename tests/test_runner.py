@@ -10,6 +10,7 @@ from schemas.settings import Settings
 from schemas.tables import Item, Job, Result
 from workers import runner
 from workers.errors import ModelNotFoundError, TransientError
+from workers.retry import RetryPolicy
 
 from test_store import make_job
 
@@ -45,13 +46,15 @@ def test_transient_failure_hands_items_back_then_errors_on_the_last_attempt(data
                         lambda *a: Scripted(TransientError("out of memory", code="out_of_memory")))
 
     with pytest.raises(TransientError):
-        runner.run_chunk(job_id, ids, worker="w", settings=settings, last_attempt=False)
+        runner.run_chunk(job_id, ids, worker="w", settings=settings,
+                         policy=RetryPolicy.from_settings(settings), last_attempt=False)
     assert statuses(database_url, job_id) == {"done": 2, "pending": 3}
     assert tuple(job_row(database_url, job_id)) == ("running", 2, 0)
 
     monkeypatch.setattr(runner, "get_generator",
                         lambda *a: Scripted(TransientError("out of memory", code="out_of_memory"), 0))
-    result = runner.run_chunk(job_id, ids, worker="w", settings=settings, last_attempt=True)
+    result = runner.run_chunk(job_id, ids, worker="w", settings=settings,
+                              policy=RetryPolicy.from_settings(settings), last_attempt=True)
     assert result["done"] == 0 and result["failed"] == 3  # the retry claimed only the 3 left
     assert statuses(database_url, job_id) == {"done": 2, "error": 3}
     assert tuple(job_row(database_url, job_id)) == ("completed_with_errors", 2, 3)
@@ -62,7 +65,8 @@ def test_permanent_failure_records_the_rest_as_errors(database_url, monkeypatch)
     job_id, ids = make_job(database_url, 4)
     monkeypatch.setattr(runner, "get_generator", lambda *a: Scripted(ModelNotFoundError("gone")))
 
-    result = runner.run_chunk(job_id, ids, worker="w", settings=settings)
+    result = runner.run_chunk(job_id, ids, worker="w", settings=settings,
+                              policy=RetryPolicy.from_settings(settings))
 
     assert (result["done"], result["failed"]) == (2, 2)
     assert tuple(job_row(database_url, job_id)) == ("completed_with_errors", 2, 2)
@@ -85,7 +89,8 @@ def test_an_item_that_keeps_killing_its_worker_becomes_an_error(database_url, mo
 
     monkeypatch.setattr(runner, "get_generator", lambda *a: Recording())
 
-    result = runner.run_chunk(job_id, ids, worker="w", settings=settings)
+    result = runner.run_chunk(job_id, ids, worker="w", settings=settings,
+                              policy=RetryPolicy.from_settings(settings))
 
     assert seen == ids[1:]  # the poison item never reached the generator
     assert (result["done"], result["failed"]) == (2, 1)
@@ -118,7 +123,8 @@ def test_a_rerun_chunk_runs_singly_and_charges_only_the_item_that_dies(database_
     monkeypatch.setattr(runner, "get_generator", lambda *a: DiesOnThird())
 
     with pytest.raises(Died):
-        runner.run_chunk(job_id, ids, worker="w", settings=settings)
+        runner.run_chunk(job_id, ids, worker="w", settings=settings,
+                         policy=RetryPolicy.from_settings(settings))
 
     assert batches == [[ids[0]], [ids[1]], [ids[2]]]  # one at a time, in order
     with get_engine(database_url).connect() as connection:
@@ -127,25 +133,23 @@ def test_a_rerun_chunk_runs_singly_and_charges_only_the_item_that_dies(database_
     assert statuses(database_url, job_id)["done"] == 2  # written before the next one started
 
 
-def test_database_outages_are_waited_out_and_mistakes_are_not(monkeypatch):
+def test_database_outages_are_waited_out_and_mistakes_are_not():
     import sqlite3
 
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from workers import store
     from workers.errors import DatabaseUnavailable
 
-    monkeypatch.setattr(store, "outage_seconds", 1.0)
+    policy = RetryPolicy(outage_seconds=1.0)
     calls = []
 
     def flaky(failures: int, error: Exception):
-        @store.ride_out
         def call():
             calls.append(1)
             if len(calls) <= failures:
                 raise error
             return "ok"
-        return call
+        return lambda: policy.ride_out(call)
 
     locked = OperationalError("UPDATE items", {}, sqlite3.OperationalError("database is locked"))
     assert flaky(2, locked)() == "ok" and len(calls) == 3

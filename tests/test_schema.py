@@ -47,3 +47,58 @@ def test_an_unmigrated_postgres_database_is_refused(postgres_url):
         with server.connect() as connection:
             connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         server.dispose()
+
+
+def test_the_schema_is_checked_once_per_engine(tmp_path, monkeypatch):
+    from producer import api
+    from schemas import db
+    from schemas.settings import Settings
+
+    checks = []
+    real = db.current_revision
+    monkeypatch.setattr(db, "current_revision", lambda engine: checks.append(engine) or real(engine))
+    url = f"sqlite:///{tmp_path / 'once.db'}"
+
+    engine = ensure_schema(url)
+    assert [ensure_schema(url) for _ in range(3)] == [engine] * 3
+    for _ in range(3):  # as wait() polls
+        api.list_jobs(settings=Settings(database_url=url))
+    assert checks == [engine]
+
+
+def test_a_stale_schema_is_refused_at_every_call_until_upgraded(tmp_path, monkeypatch):
+    from schemas import db
+
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    upgrade(url, "0004")
+    checks = []
+    real = db.current_revision
+    monkeypatch.setattr(db, "current_revision", lambda engine: checks.append(engine) or real(engine))
+
+    for _ in range(2):
+        with pytest.raises(SchemaError, match="is at schema revision 0004, .* run `aigc db upgrade`"):
+            ensure_schema(url)
+    assert len(checks) == 2  # a failed check is not remembered
+
+    upgrade(url)
+    assert current_revision(ensure_schema(url)) == head_revision()
+    ensure_schema(url)
+    assert len(checks) == 3  # the check that passed, then none
+
+
+def test_each_set_of_job_states_is_defined_once_and_used_everywhere():
+    import re
+    from pathlib import Path
+
+    from schemas.enums import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, UNFINISHED_JOB_STATUSES, JobStatus
+
+    assert set(UNFINISHED_JOB_STATUSES) == set(ACTIVE_JOB_STATUSES) | {JobStatus.cancelling}
+    assert set(UNFINISHED_JOB_STATUSES) | set(TERMINAL_JOB_STATUSES) == set(JobStatus)
+    assert not set(UNFINISHED_JOB_STATUSES) & set(TERMINAL_JOB_STATUSES)
+    assert [s for s in JobStatus if s.is_active] == list(ACTIVE_JOB_STATUSES)
+    root = Path(__file__).parent.parent
+    spelled = re.compile(r"JobStatus\.(queued|running),\s*JobStatus\.(queued|running)|not s\.is_terminal")
+    offenders = [str(path.relative_to(root)) for folder in ("producer", "schemas", "workers")
+                 for path in (root / folder).rglob("*.py")
+                 if path.name != "enums.py" and spelled.search(path.read_text(encoding="utf-8"))]
+    assert offenders == []

@@ -3,76 +3,25 @@
 Every function takes the engine keyword-only and runs in its own short transaction, so a
 crash between two calls leaves the rows consistent: an item is either still leased (and its
 lease expires) or done with exactly one result row. Each function is also safe to run twice,
-which is what lets :func:`ride_out` retry it through a database outage.
+which is what lets the runner call it through ``RetryPolicy.ride_out`` (workers/retry.py)
+and repeat it through a database outage.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine, and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schemas import lifecycle
-from schemas.enums import ItemStatus, JobStatus
+from schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
 from schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
 
 from .contract import ClaimedItem, JobInfo, ResultRow
-from .errors import DatabaseUnavailable
-
-log = logging.getLogger("aigc.worker")
-F = TypeVar("F", bound=Callable[..., Any])
-
-# How long one call waits out an unreachable database; the runner sets it from the settings.
-outage_seconds: float = 120.0
-_MAX_BACKOFF = 5.0
 
 
-def is_outage(exc: BaseException) -> bool:
-    """Whether a database error means "not reachable right now" rather than "wrong"."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated or isinstance(exc, InterfaceError):
-        return True
-    if not isinstance(exc, OperationalError):
-        return False
-    if "sqlite" in type(exc.orig).__module__:  # only a busy file is worth waiting for
-        return any(word in str(exc.orig).lower() for word in ("locked", "busy"))
-    return True
-
-
-def ride_out(function: F) -> F:
-    """Retry ``function`` with backoff while the database is unreachable, for up to
-    :data:`outage_seconds`; then raise :class:`DatabaseUnavailable` (retried later)."""
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        deadline, delay = None, 0.25
-        while True:
-            try:
-                return function(*args, **kwargs)
-            except DBAPIError as exc:
-                if not is_outage(exc):
-                    raise
-                now = time.monotonic()
-                deadline = deadline if deadline is not None else now + outage_seconds
-                if now >= deadline:
-                    raise DatabaseUnavailable(
-                        f"database unreachable for {outage_seconds:.0f} s in {function.__name__}: "
-                        f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}") from exc
-                log.warning("database unreachable in %s (%s); retrying in %.1f s",
-                            function.__name__, type(exc.orig or exc).__name__, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
-    return wrapper  # type: ignore[return-value]
-
-
-@ride_out
 def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
     with engine.connect() as connection:
         row = connection.execute(
@@ -81,7 +30,6 @@ def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
     return JobInfo(*row) if row else None
 
 
-@ride_out
 def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
           lease_seconds: int) -> list[ClaimedItem]:
     """Lease those of ``item_ids`` that are pending, whose lease expired, or that ``owner``
@@ -91,7 +39,7 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
     claimable = or_(Item.status == ItemStatus.pending,
                     and_(Item.status == ItemStatus.leased,
                          or_(Item.lease_expires_at < now, Item.lease_owner == owner)))
-    job_active = exists().where(Job.id == job_id, Job.status.in_(lifecycle.ACTIVE))
+    job_active = exists().where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
     statement = (
         update(Item)
         .where(Item.job_id == job_id, Item.id.in_(item_ids), claimable, job_active)
@@ -104,7 +52,6 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
     return sorted((ClaimedItem(*row) for row in rows), key=lambda item: item.index)
 
 
-@ride_out
 def mark_running(*, engine: Engine, job_id: str) -> None:
     now = utcnow()
     with engine.begin() as connection:
@@ -117,7 +64,6 @@ def _insert_ignoring_duplicates(engine: Engine) -> Any:
     return dialect.insert(Result).on_conflict_do_nothing(index_elements=["job_id", "custom_id"])
 
 
-@ride_out
 def write_results(*, engine: Engine, job_id: str, rows: list[ResultRow], owner: str,
                   run: dict[str, Any] | None = None) -> tuple[int, int]:
     """Upsert result rows, finish their items, bump the job's counts; one transaction.
@@ -184,7 +130,6 @@ def renew_leases(*, engine: Engine, item_ids: list[int], owner: str, lease_secon
         ).rowcount
 
 
-@ride_out
 def release(*, engine: Engine, item_ids: list[int], owner: str,
             to: ItemStatus = ItemStatus.pending) -> int:
     """Give up items this owner holds: back to ``pending`` (a transient failure: they will be
@@ -199,7 +144,6 @@ def release(*, engine: Engine, item_ids: list[int], owner: str,
         ).rowcount
 
 
-@ride_out
 def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
     """Move the job to its final state once every item is done or failed; the new status."""
     now = utcnow()
@@ -211,7 +155,7 @@ def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
     with engine.begin() as connection:
         changed = connection.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]),
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
                    Job.done + Job.failed >= Job.total)
             .values(status=final, finished_at=now, updated_at=now)
         ).rowcount
@@ -220,7 +164,6 @@ def finish_if_complete(*, engine: Engine, job_id: str) -> str | None:
         return connection.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
 
 
-@ride_out
 def add_attempts(*, engine: Engine, item_ids: list[int], delta: int) -> None:
     """Shift the attempt count of items this process holds (see the runner's careful mode)."""
     if item_ids:
@@ -229,17 +172,14 @@ def add_attempts(*, engine: Engine, item_ids: list[int], delta: int) -> None:
                                .values(attempts=Item.attempts + delta))
 
 
-@ride_out
 def job_status(*, engine: Engine, job_id: str) -> str | None:
     return lifecycle.job_status(engine=engine, job_id=job_id)
 
 
-@ride_out
 def finish_cancel(*, engine: Engine, job_id: str) -> bool:
     return lifecycle.finish_cancel(engine=engine, job_id=job_id)
 
 
-@ride_out
 def start_chunk_run(*, engine: Engine, run: dict[str, Any]) -> int:
     """Insert the ``chunk_runs`` row of a run that claimed items (counts at 0); its id.
 
@@ -252,7 +192,6 @@ def start_chunk_run(*, engine: Engine, run: dict[str, Any]) -> int:
         return connection.execute(insert(ChunkRun).values(**row).returning(ChunkRun.id)).scalar_one()
 
 
-@ride_out
 def end_chunk_run(*, engine: Engine, run_id: int, duration_ms: float) -> None:
     """The run is over: its busy time runs to now."""
     with engine.begin() as connection:

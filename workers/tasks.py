@@ -4,31 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import Task
+
 from schemas.dispatch import LEGACY_TASK, task_name
 from schemas.enums import Kind
 from schemas.settings import get_settings
 
 from .app import app
-from .errors import TransientError
+from .retry import RetryPolicy
 from .runner import run_chunk
 
+# The one policy of this worker process: Celery retries chunks by it (autoretry_for a
+# TransientError, 5, 10, 20, 40 s apart) and the runner claims, re-runs and rides out
+# database outages by it.
+POLICY = RetryPolicy.from_settings(get_settings())
 
-MAX_RETRIES = 4  # transient failures (out of memory): retried after 5, 10, 20, 40 s
 
-
-def generate_chunk(self, job_id: str, item_ids: list[int], items: int | None = None) -> dict[str, Any]:
+def generate_chunk(self: Task, job_id: str, item_ids: list[int], items: int | None = None) -> dict[str, Any]:
     """Generate results for a chunk of one job's items (ids only; the rows are in SQL).
 
-    ``items`` is the chunk's size, sent so that Flower shows it; the ids are what count.
+    ``items`` is the chunk's size, sent so that Flower shows it; the ids are what count. A
+    :class:`TransientError` from the runner is retried by Celery (``POLICY.task_options()``).
     """
-    try:
-        return run_chunk(job_id, item_ids, worker=self.request.hostname, settings=get_settings(),
-                         last_attempt=self.request.retries >= MAX_RETRIES)
-    except TransientError as exc:
-        raise self.retry(exc=exc, countdown=5 * 2 ** self.request.retries) from None
+    return run_chunk(job_id, item_ids, worker=self.request.hostname, settings=get_settings(),
+                     policy=POLICY, last_attempt=POLICY.is_last_try(self.request.retries))
 
 
 # One task per kind (aigc.article, ...), all the same function; and the old name for messages
 # queued before an upgrade.
-TASKS = {name: app.task(name=name, bind=True, max_retries=MAX_RETRIES)(generate_chunk)
+TASKS = {name: app.task(name=name, bind=True, **POLICY.task_options())(generate_chunk)
          for name in [*(task_name(kind) for kind in Kind), LEGACY_TASK]}

@@ -89,7 +89,7 @@ def status_of(job: Job) -> str:
     status = JobStatus(job.status)
     if job.errors is not None:
         return "failed"
-    if status in (JobStatus.queued, JobStatus.running):
+    if status.is_active:
         return "finalizing" if job.total and job.done + job.failed >= job.total else "in_progress"
     if status == JobStatus.cancelling:
         return "finalizing" if job.expired_at else "cancelling"  # in-flight items still land

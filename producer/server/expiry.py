@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select, update
 from sqlmodel import Session
 
 from schemas import lifecycle
+from schemas.enums import ACTIVE_JOB_STATUSES
 from schemas.tables import Job, utcnow
 
 log = logging.getLogger("aigc.api")
@@ -32,7 +33,7 @@ def expire(engine: Engine, job_id: str) -> bool:
     now = utcnow()
     with engine.begin() as connection:
         changed = connection.execute(
-            update(Job).where(Job.id == job_id, Job.status.in_(lifecycle.ACTIVE),
+            update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
                               Job.expired_at.is_(None))
             .values(expired_at=now, updated_at=now)).rowcount
     if changed:
@@ -46,14 +47,14 @@ def expire_overdue(engine: Engine) -> list[str]:
     """Expire every active batch past its window; their job ids."""
     with engine.connect() as connection:
         overdue = connection.execute(select(Job.id).where(
-            Job.expires_at < utcnow(), Job.status.in_(lifecycle.ACTIVE), Job.expired_at.is_(None))
+            Job.expires_at < utcnow(), Job.status.in_(ACTIVE_JOB_STATUSES), Job.expired_at.is_(None))
         ).scalars().all()
     return [job_id for job_id in overdue if expire(engine, job_id)]
 
 
 def expire_if_overdue(engine: Engine, job: Job) -> Job:
     """``job``, expired first if it is past its window (and read again if it was)."""
-    if (job.expires_at is None or job.expired_at is not None or job.status not in lifecycle.ACTIVE
+    if (job.expires_at is None or job.expired_at is not None or job.status not in ACTIVE_JOB_STATUSES
             or _aware(job.expires_at) > utcnow()):
         return job
     expire(engine, job.id)
