@@ -19,10 +19,10 @@ import redis
 from celery import Celery
 from sqlalchemy import create_engine, text
 
-from producer.api import submit_file
-from schemas.db import upgrade
-from schemas.dispatch import celery_config, queue_name
-from schemas.settings import Settings
+from aigc.api import submit_file
+from aigc.schemas.db import upgrade
+from aigc.schemas.dispatch import celery_config, queue_name
+from aigc.schemas.settings import Settings
 
 REDIS = "redis://127.0.0.1:6379/12"
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -42,7 +42,7 @@ def fresh_postgres() -> tuple[str, callable]:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
 
     def drop() -> None:
-        from schemas.db import get_engine
+        from aigc.schemas.db import get_engine
         get_engine(url).dispose()
         with server.connect() as connection:
             connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))

@@ -38,11 +38,11 @@ import torch  # noqa: E402
 from celery import Celery  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from producer import api  # noqa: E402
-from schemas.db import upgrade  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
-from workers.dcgan import DCGAN, DCGANConfig  # noqa: E402
-from workers.gan import save_gan  # noqa: E402
+from aigc import api  # noqa: E402
+from aigc.schemas.db import upgrade  # noqa: E402
+from aigc.schemas.settings import Settings  # noqa: E402
+from aigc.workers.dcgan import DCGAN, DCGANConfig  # noqa: E402
+from aigc.workers.gan import save_gan  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/11"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the worker's choice too
@@ -67,7 +67,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
     upgrade(settings.database_url)  # before the worker starts: no two processes migrate at once
     env = os.environ | settings.to_env()
     node = f"imgbench-{os.getpid()}@{socket.gethostname()}"
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu", "--hostname",
+    proc = subprocess.Popen([sys.executable, "-m", "aigc.workers", "--devices", "cpu", "--hostname",
                              node, "--queues", "image_set"], env=env, cwd=REPO,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     app = Celery(set_as_current=False, broker=settings.broker_url)

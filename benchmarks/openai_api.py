@@ -30,9 +30,9 @@ from sqlalchemy import create_engine, text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from api_server import ServerProcess  # noqa: E402
-from producer.api import submit_file  # noqa: E402
-from schemas.db import get_engine, upgrade  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
+from aigc.api import submit_file  # noqa: E402
+from aigc.schemas.db import get_engine, upgrade  # noqa: E402
+from aigc.schemas.settings import Settings  # noqa: E402
 
 REDIS = "redis://127.0.0.1:6379"
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -103,7 +103,7 @@ def through_api(sdk: OpenAI, path: Path) -> tuple[float, str]:
 def through_cli(settings: Settings, path: Path) -> tuple[float, str]:
     env = os.environ | settings.to_env()
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(path)], env=env,
+    done = subprocess.run([sys.executable, "-m", "aigc.cli", "submit", str(path)], env=env,
                           capture_output=True, text=True, check=True)
     return time.perf_counter() - started, done.stdout.strip()
 

@@ -38,8 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
-from producer import api  # noqa: E402
-from schemas.settings import PRETRAINED_TEXT_MODEL, Settings  # noqa: E402
+from aigc import api  # noqa: E402
+from aigc.schemas.settings import PRETRAINED_TEXT_MODEL, Settings  # noqa: E402
 
 # (spec, words that show it is on topic: any one, matched as a lower-case substring)
 ARTICLES = [
@@ -94,7 +94,7 @@ SAMPLED = {"temperature": 0.7, "top_p": 0.9}
 def start_worker(settings: Settings, folder: Path) -> subprocess.Popen:
     env = os.environ | settings.to_env()
     log = open(folder / "worker.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu"], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "aigc.workers", "--devices", "cpu"], env=env, cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -166,7 +166,7 @@ def main() -> None:
     extra = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
     chosen = dict(p.split("=", 1) for p in args.setting)
     if args.model == PRETRAINED_TEXT_MODEL:
-        subprocess.run([sys.executable, "-m", "workers.fetch", PRETRAINED_TEXT_MODEL], check=True,
+        subprocess.run([sys.executable, "-m", "aigc.workers.fetch", PRETRAINED_TEXT_MODEL], check=True,
                        stdout=subprocess.DEVNULL)
     samples: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

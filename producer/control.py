@@ -10,11 +10,11 @@ from typing import Any
 
 from sqlalchemy import and_, exists, or_, select, update
 
-from schemas import lifecycle
-from schemas.db import ensure_schema
-from schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
-from schemas.settings import Settings, get_settings
-from schemas.tables import Item, Job, utcnow
+from aigc.schemas import lifecycle
+from aigc.schemas.db import ensure_schema
+from aigc.schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
+from aigc.schemas.settings import Settings, get_settings
+from aigc.schemas.tables import Item, Job, utcnow
 
 from .dispatch import enqueue
 

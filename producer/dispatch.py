@@ -8,10 +8,10 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine, select
 
-from schemas.dispatch import broker_priority, celery_config, queue_name, task_name
-from schemas.enums import ItemStatus
-from schemas.settings import Settings, redact_url
-from schemas.tables import Item
+from aigc.schemas.dispatch import broker_priority, celery_config, queue_name, task_name
+from aigc.schemas.enums import ItemStatus
+from aigc.schemas.settings import Settings, redact_url
+from aigc.schemas.tables import Item
 
 
 class DispatchError(RuntimeError):

@@ -1,7 +1,7 @@
 """Writing result rows out: JSONL, CSV, Parquet, and OpenAI Batch output and error files.
 
 Each writer streams: rows are consumed once and memory stays flat for any job size. A row is a
-dict with the columns of :data:`schemas.results.EXPORT_COLUMNS` (what ``producer.results``
+dict with the columns of :data:`schemas.results.EXPORT_COLUMNS` (what ``aigc.results``
 yields), whose types (:class:`schemas.results.ResultRow`) give the Parquet schema.
 """
 
@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, BinaryIO, TextIO
 
-from schemas.results import EXPORT_COLUMNS, JSON_COLUMNS, column_type
+from aigc.schemas.results import EXPORT_COLUMNS, JSON_COLUMNS, column_type
 
 JSON_FIELDS = JSON_COLUMNS  # written as JSON text in CSV and Parquet
 

@@ -13,9 +13,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from schemas.enums import JobStatus
-from schemas.settings import Settings
-from schemas.tables import Job, utcnow
+from aigc.schemas.enums import JobStatus
+from aigc.schemas.settings import Settings
+from aigc.schemas.tables import Job, utcnow
 
 
 class JobProgress:

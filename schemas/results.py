@@ -52,7 +52,7 @@ class ResultRow(BaseModel):
         return self.error_code is not None
 
 
-# aigc's own ids for the row: exports and ``producer.results`` name an item by custom_id.
+# aigc's own ids for the row: exports and ``aigc.results`` name an item by custom_id.
 INTERNAL_COLUMNS = ("job_id", "item_id")
 EXPORT_COLUMNS: tuple[str, ...] = tuple(name for name in ResultRow.model_fields
                                         if name not in INTERNAL_COLUMNS)

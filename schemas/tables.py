@@ -2,7 +2,7 @@
 
 Change them only together with a new Alembic migration in ``schemas/migrations/versions``;
 ``tests/test_schema.py`` fails when the models and the migrations disagree.
-Times are UTC. Statuses are stored as plain strings (see ``schemas.enums``).
+Times are UTC. Statuses are stored as plain strings (see ``aigc.schemas.enums``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ END = "<!-- end of settings table -->"
 def with_table(text: str) -> str:
     """``text`` (README.md) with the part between the markers replaced by the generated table."""
     sys.path.insert(0, str(REPO))
-    from schemas.settings import settings_table
+    from aigc.schemas.settings import settings_table
 
     head, begin, rest = text.partition(BEGIN)
     _, end, tail = rest.partition(END)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from schemas.settings import Settings
+from aigc.schemas.settings import Settings
 
 from conftest import REPO, settings_env
 
@@ -37,7 +37,7 @@ class ServerProcess:
         env = os.environ | settings_env(self.settings)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "aigc.cli", "serve", "--port", str(self.port)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,9 +19,9 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from schemas.db import upgrade
-from schemas.dispatch import celery_config
-from schemas.settings import Settings
+from aigc.schemas.db import upgrade
+from aigc.schemas.dispatch import celery_config
+from aigc.schemas.settings import Settings
 
 from tiny_models import build_tiny_gpt2
 
@@ -116,7 +116,7 @@ def postgres_url() -> Iterator[str]:
         need("PostgreSQL", exc)
     url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     yield url
-    from schemas.db import get_engine
+    from aigc.schemas.db import get_engine
 
     get_engine(url).dispose()
     with server.connect() as connection:
@@ -146,7 +146,7 @@ class WorkerProcess:
         env = os.environ | settings_env(settings) | (extra_env or {})
         with open(log_path, "wb") as log, open(stdout_path or os.devnull, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--devices", "cpu", "--hostname", self.hostname,
+                [sys.executable, "-m", "aigc.workers", "--devices", "cpu", "--hostname", self.hostname,
                  *(extra_args or [])],
                 env=env, stdout=out if stdout_path else log,
                 stderr=log if stdout_path else subprocess.STDOUT, cwd=REPO)
@@ -207,7 +207,7 @@ def plain_rows(url: str, sql: str, **params) -> list[dict]:
 
 def run_cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ) | settings_env(settings)
-    result = subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "aigc.cli", *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=180)
     if check and result.returncode != 0:
         raise AssertionError(f"aigc {' '.join(args)} exited {result.returncode}:\n{result.stderr}")

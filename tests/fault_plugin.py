@@ -13,8 +13,8 @@ import signal
 import time
 from collections.abc import Iterator
 
-from workers import text
-from workers.contract import ClaimedItem, JobInfo, ResultRow
+from aigc.workers import text
+from aigc.workers.contract import ClaimedItem, JobInfo, ResultRow
 
 _run = text.TextBackend.run
 CRASH_TOPIC = os.environ.get("AIGC_FAULT_CRASH_TOPIC")

@@ -9,13 +9,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from producer.server.auth import KeyRing, hash_key, new_key
-from producer.server.batches import batch_id, job_id_of, status_of, window_seconds
-from producer.server.errors import APIError
-from schemas.openai_images import read_openai_images
-from schemas.parsing import validate_records
-from schemas.settings import Settings
-from schemas.tables import Job, utcnow
+from aigc.server.auth import KeyRing, hash_key, new_key
+from aigc.server.batches import batch_id, job_id_of, status_of, window_seconds
+from aigc.server.errors import APIError
+from aigc.schemas.openai_images import read_openai_images
+from aigc.schemas.parsing import validate_records
+from aigc.schemas.settings import Settings
+from aigc.schemas.tables import Job, utcnow
 
 
 def test_keys_are_hashes_matched_to_their_owner():

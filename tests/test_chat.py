@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.specs import GenerationParams
-from workers.lm import FLATTENED_CHAT_STOP, CausalLM, TextRequest, flatten_messages
+from aigc.schemas.specs import GenerationParams
+from aigc.workers.lm import FLATTENED_CHAT_STOP, CausalLM, TextRequest, flatten_messages
 
 from tiny_models import build_tiny_chat_gpt2
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from producer import api
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.settings import Settings
 
 from conftest import REPO
 
@@ -24,13 +24,13 @@ UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 def aigc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`aigc ARGS` with stdout and stderr piped (not a terminal), in a clean AIGC_* environment."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_") and k != "COLUMNS"}
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=base | (env or {}),
+    return subprocess.run([sys.executable, "-m", "aigc.cli", *args], env=base | (env or {}),
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
 def settings(redis_url, database_url, tmp_path):
-    from schemas.db import upgrade
+    from aigc.schemas.db import upgrade
 
     upgrade(database_url)
     return Settings(broker_url=redis_url, database_url=database_url, data_dir=tmp_path)
@@ -66,7 +66,7 @@ def test_status_piped_shows_full_values_and_json_parses(settings):
 
 
 def test_broker_down_prints_the_stored_job_id_and_an_unbroken_resume_command(database_url, tmp_path):
-    from schemas.db import upgrade
+    from aigc.schemas.db import upgrade
 
     upgrade(database_url)
     items = tmp_path / "items.jsonl"
@@ -138,8 +138,8 @@ def test_watch_shows_the_job_s_own_elapsed_time(settings):
 
     from sqlalchemy import update
 
-    from schemas.db import get_engine
-    from schemas.tables import Job, utcnow
+    from aigc.schemas.db import get_engine
+    from aigc.schemas.tables import Job, utcnow
 
     job_id = api.submit("article", [{"topic": "a"}], settings=settings)
     start = utcnow() - timedelta(seconds=3725)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from schemas.settings import Settings
+from aigc.schemas.settings import Settings
 
 from conftest import REPO, need
 
@@ -239,7 +239,7 @@ def test_secrets_are_required_and_redis_persists():
 def test_commands_are_real_cli_commands(name):
     from typer.main import get_command
 
-    from producer.cli import app
+    from aigc.cli import app
 
     command = SERVICES[name]["command"]
     assert command[0] == "aigc" and command[1] in get_command(app).commands

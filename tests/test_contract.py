@@ -14,17 +14,17 @@ import pydantic
 import pytest
 import torch
 
-from producer import api
-from producer.export import parquet_schema, write_csv, write_parquet
-from schemas.enums import Kind
-from schemas.results import EXPORT_COLUMNS, ResultRow
-from schemas.settings import Settings
-from schemas.tables import Result
-from workers import registry, runner
-from workers.batching import AdaptiveBatch
-from workers.contract import ClaimedItem, JobInfo, as_result_rows, result_row
-from workers.errors import TransientError
-from workers.retry import RetryPolicy
+from aigc import api
+from aigc.export import parquet_schema, write_csv, write_parquet
+from aigc.schemas.enums import Kind
+from aigc.schemas.results import EXPORT_COLUMNS, ResultRow
+from aigc.schemas.settings import Settings
+from aigc.schemas.tables import Result
+from aigc.workers import registry, runner
+from aigc.workers.batching import AdaptiveBatch
+from aigc.workers.contract import ClaimedItem, JobInfo, as_result_rows, result_row
+from aigc.workers.errors import TransientError
+from aigc.workers.retry import RetryPolicy
 
 from test_store import make_job
 

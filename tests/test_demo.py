@@ -31,8 +31,8 @@ def test_demo_runs_the_sample_jobs_end_to_end(broker, redis_url, tmp_path):
     env["COLUMNS"] = "200"
     if broker == "redis":
         env["AIGC_BROKER_URL"] = redis_url
-        from schemas.settings import Settings
-        from workers.fetch import FetchError, fetch
+        from aigc.schemas.settings import Settings
+        from aigc.workers.fetch import FetchError, fetch
 
         for name in ("dcgan-faces", "smollm2-135m-instruct"):
             try:
@@ -43,7 +43,7 @@ def test_demo_runs_the_sample_jobs_end_to_end(broker, redis_url, tmp_path):
         env |= NO_PYPI | {"AIGC_BROKER_URL": "redis://127.0.0.1:1/0",
                           "AIGC_MODELS_DIR": str(tmp_path / "no-models")}
 
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--timeout", "240"],
+    result = subprocess.run([sys.executable, "-m", "aigc.cli", "demo", "--timeout", "240"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stdout + result.stderr

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from producer import api
+from aigc import api
 
 from conftest import plain_rows, run_cli
 

@@ -26,9 +26,9 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from producer import api
-from schemas.db import upgrade
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.db import upgrade
+from aigc.schemas.settings import Settings
 
 from conftest import REPO, WorkerProcess, need, plain_rows, run_cli
 
@@ -193,7 +193,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(private_redis, po
     job_id = api.submit("article", items(n), params={"max_new_tokens": 8}, settings=settings)
     # A message popped from Redis by a worker killed before kombu recorded it as unacknowledged
     # is gone; the sweeper every deployment runs re-sends such items from SQL.
-    sweeper = subprocess.Popen([sys.executable, "-m", "producer.cli", "sweep", "--stale", "5", "--every", "2"],
+    sweeper = subprocess.Popen([sys.executable, "-m", "aigc.cli", "sweep", "--stale", "5", "--every", "2"],
                                env=os.environ | settings.to_env(), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sweeper.log", "wb"))
     kills, worker = [], None
@@ -234,7 +234,7 @@ def test_sigkill_to_job_complete_with_the_default_lease(private_redis, postgres_
                               visibility_timeout=None)
     n = 400
     job_id = api.submit("article", items(n), params={"max_new_tokens": 8}, settings=settings)
-    sweeper = subprocess.Popen([sys.executable, "-m", "producer.cli", "sweep", "--every", "15"],
+    sweeper = subprocess.Popen([sys.executable, "-m", "aigc.cli", "sweep", "--every", "15"],
                                env=os.environ | settings.to_env(), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sweeper.log", "wb"))
     slow = {"AIGC_FAULT_SECONDS_PER_BATCH": "0.3"}
@@ -311,7 +311,7 @@ def test_redis_restart_mid_job_workers_reconnect_and_finish(private_redis, sqlit
 
 
 def test_postgres_down_for_twenty_seconds_is_ridden_out(private_redis, private_postgres, tiny_model, tmp_path):
-    from schemas.db import get_engine
+    from aigc.schemas.db import get_engine
 
     settings = fault_settings(private_redis.url, private_postgres.url, tiny_model, lease_seconds=120)
     n = 100

@@ -18,8 +18,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from producer import api
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.settings import Settings
 
 from conftest import REPO, WorkerProcess, need
 
@@ -45,7 +45,7 @@ def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
 
 def test_flower_requires_a_password():
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIGC_")}
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "flower"], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "aigc.cli", "flower"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "AIGC_FLOWER_PASSWORD" in result.stderr
 
@@ -58,7 +58,7 @@ def flower(redis_url, sqlite_url, tiny_model, tmp_path_factory):
                         flower_user="ops", flower_password="s3cret-pw")
     worker = WorkerProcess(settings, tmp / "worker.log")
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "aigc.cli", "flower", "--port", str(port)],
                                env=os.environ | settings.to_env(), cwd=REPO,
                                stdout=open(tmp / "flower.log", "wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

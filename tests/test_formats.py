@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from schemas.specs import LENGTH_HELP
-from schemas.formats import (FORMATS, detect_format, read_csv, read_openai_batch, reader_for)
-from schemas.parsing import MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_records
+from aigc.schemas.specs import LENGTH_HELP
+from aigc.schemas.formats import (FORMATS, detect_format, read_csv, read_openai_batch, reader_for)
+from aigc.schemas.parsing import MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_records
 
 
 def check(kind: str, reader, data: bytes) -> tuple[list[ParsedItem], list[str]]:
@@ -356,7 +356,7 @@ def test_reader_for_dispatches_and_refuses_unknown_formats():
 
 
 def test_openai_whitespace_stop_strings_and_n_survive_validation():
-    from schemas.specs import n_outputs
+    from aigc.schemas.specs import n_outputs
 
     line = batch_line({"prompt": "p", "stop": "\n", "n": 3})
     data = io.BytesIO(json.dumps(line).encode() + b"\n")

@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from producer import api
-from schemas.parsing import InputError
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.parsing import InputError
+from aigc.schemas.settings import Settings
 from conftest import need
-from workers import imaging
-from workers.artifacts import ArtifactStore, safe_segment
-from workers.errors import ArtifactPathError, ModelNotFoundError, TransientError, UnknownArchitectureError
-from workers.gan import ModelInvalidError, load_gan, resolve_gan, save_gan
-from workers.images import ImageSetBackend, image_seed
-from workers.registry import architecture_for, register_architecture
-from workers.seeds import derive_seed
+from aigc.workers import imaging
+from aigc.workers.artifacts import ArtifactStore, safe_segment
+from aigc.workers.errors import ArtifactPathError, ModelNotFoundError, TransientError, UnknownArchitectureError
+from aigc.workers.gan import ModelInvalidError, load_gan, resolve_gan, save_gan
+from aigc.workers.images import ImageSetBackend, image_seed
+from aigc.workers.registry import architecture_for, register_architecture
+from aigc.workers.seeds import derive_seed
 
 from tiny_models import build_tiny_dcgan
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer import api
-from schemas.db import upgrade
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.db import upgrade
+from aigc.schemas.settings import Settings
 
 from conftest import WorkerProcess, plain_rows, run_cli
 from tiny_models import build_tiny_dcgan

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from producer import api
-from schemas.dispatch import celery_config
-from schemas.settings import Settings
-from workers.launcher import parse_devices
+from aigc import api
+from aigc.schemas.dispatch import celery_config
+from aigc.schemas.settings import Settings
+from aigc.workers.launcher import parse_devices
 
 from conftest import REPO, settings_env
 
@@ -78,7 +78,7 @@ FAKE_GPUS = {"PYTHONPATH": f"{REPO / 'tests' / 'fake_cuda'}{os.pathsep}{os.envir
 ])
 def test_a_gpu_that_does_not_exist_is_a_startup_error(fleet_settings, gpus, devices, message):
     env = os.environ | settings_env(fleet_settings) | FAKE_GPUS | {"AIGC_TEST_FAKE_GPUS": gpus}
-    started = subprocess.run([sys.executable, "-m", "workers", "--devices", devices, "--no-preload"],
+    started = subprocess.run([sys.executable, "-m", "aigc.workers", "--devices", devices, "--no-preload"],
                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert started.returncode != 0
     assert message in " ".join(started.stderr.replace("│", " ").split()), started.stderr
@@ -89,7 +89,7 @@ def test_one_pinned_process_per_device_restarted_when_it_dies(fleet_settings, tm
     tag = uuid.uuid4().hex[:6]
     log = open(tmp_path / "fleet.log", "wb")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "workers", "--devices", "0,1", "--hostname", f"{{device}}-{tag}@test",
+        [sys.executable, "-m", "aigc.workers", "--devices", "0,1", "--hostname", f"{{device}}-{tag}@test",
          "--no-preload"], env=os.environ | settings_env(fleet_settings) | FAKE_GPUS | {"AIGC_TEST_FAKE_GPUS": "2"},
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     app = Celery(set_as_current=False)
@@ -147,14 +147,14 @@ def test_a_busy_worker_answers_ping(fleet_settings, tmp_path):
     (["-Q", "poems"], "unknown queue(s) poems"),
 ])
 def test_worker_options_that_do_not_fit_are_refused_with_a_reason(args, message):
-    refused = subprocess.run([sys.executable, "-m", "producer.cli", "worker", *args], cwd=REPO,
+    refused = subprocess.run([sys.executable, "-m", "aigc.cli", "worker", *args], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert message in " ".join(refused.stderr.replace("│", " ").split()), refused.stderr
 
 
 def test_worker_help_is_real_and_celery_options_pass_through(fleet_settings, tmp_path):
-    shown = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--help"], cwd=REPO,
+    shown = subprocess.run([sys.executable, "-m", "aigc.cli", "worker", "--help"], cwd=REPO,
                            capture_output=True, text=True, timeout=60, env=os.environ | {"COLUMNS": "200"})
     assert shown.returncode == 0
     for option in ("--devices", "--queues", "-Q", "--hostname", "--loglevel", "--concurrency",
@@ -173,7 +173,7 @@ def test_worker_help_is_real_and_celery_options_pass_through(fleet_settings, tmp
         assert int((tmp_path / "w.pid").read_text()) == worker.process.pid  # Celery's own option
         assert " DEBUG " in worker.log()
         env = os.environ | settings_env(fleet_settings)
-        ping = [sys.executable, "-m", "producer.cli", "ping", "--timeout", "3"]
+        ping = [sys.executable, "-m", "aigc.cli", "ping", "--timeout", "3"]
         alive = subprocess.run([*ping, worker.hostname], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
         silent = subprocess.run([*ping, "nobody@%h", "--json"], env=env, cwd=REPO, capture_output=True, text=True,
                                 timeout=60)

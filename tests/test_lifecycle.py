@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from producer import api, control
-from schemas.dispatch import queue_name
-from schemas.parsing import InputError
-from schemas.settings import Settings
+from aigc import api, control
+from aigc.schemas.dispatch import queue_name
+from aigc.schemas.parsing import InputError
+from aigc.schemas.settings import Settings
 
 from conftest import WorkerProcess, plain_rows, run_cli
 
@@ -186,8 +186,8 @@ def test_sweep_finishes_jobs_whose_messages_or_workers_were_lost(stack, spare_re
 
     from sqlalchemy import update
 
-    from schemas.db import get_engine
-    from schemas.tables import Item, Job, utcnow
+    from aigc.schemas.db import get_engine
+    from aigc.schemas.tables import Item, Job, utcnow
 
     settings, _ = stack
     elsewhere = settings.model_copy(update={"broker_url": spare_redis_url})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.specs import GenerationParams
-from workers.errors import ModelNotFoundError
-from workers.lm import CausalLM, TextRequest, plan_batches, resolve_model
+from aigc.schemas.specs import GenerationParams
+from aigc.workers.errors import ModelNotFoundError
+from aigc.workers.lm import CausalLM, TextRequest, plan_batches, resolve_model
 
 PROMPTS = [
     "Hello",
@@ -113,7 +113,7 @@ def test_resolve_model_accepts_a_model_directory(tiny_model):
 def test_out_of_memory_halves_the_batch_and_remembers(tiny_model, monkeypatch):
     import torch
 
-    from workers.errors import TransientError
+    from aigc.workers.errors import TransientError
 
     lm = CausalLM(str(tiny_model), device="cpu")
     params = GenerationParams(max_new_tokens=6)
@@ -150,7 +150,7 @@ def test_plan_batches_without_bucketing_keeps_submission_order():
 
 
 def test_min_new_tokens_holds_back_the_end_of_text(tiny_model):
-    from schemas.specs import effective_params
+    from aigc.schemas.specs import effective_params
 
     lm = CausalLM(str(tiny_model), device="cpu")
     first = run(lm, [TextRequest(0, "Hello", GenerationParams(max_new_tokens=1), 0)], 1)[0]

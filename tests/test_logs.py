@@ -9,10 +9,10 @@ import sys
 import pytest
 from sqlalchemy.engine import make_url
 
-from producer import api
-from schemas.db import upgrade
-from schemas.settings import Settings
-from workers.logs import JsonFormatter, TextFormatter, secrets_of
+from aigc import api
+from aigc.schemas.db import upgrade
+from aigc.schemas.settings import Settings
+from aigc.workers.logs import JsonFormatter, TextFormatter, secrets_of
 
 from conftest import WorkerProcess
 

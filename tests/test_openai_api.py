@@ -16,9 +16,9 @@ from openai import OpenAI
 from openai.types import Batch, Completion, FileObject, ImagesResponse
 from openai.types.chat import ChatCompletion
 
-from producer import api
-from schemas.db import upgrade
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.db import upgrade
+from aigc.schemas.settings import Settings
 
 from api_server import (ServerProcess, batch_file, chat_line, completion_line, jsonl, wait_for)
 from conftest import WorkerProcess, plain_rows, run_cli

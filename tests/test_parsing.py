@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from schemas.parsing import (MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_items,
+from aigc.schemas.parsing import (MAX_LINE_BYTES, ParsedItem, Problem, read_jsonl, validate_items,
                              validate_records)
-from schemas.specs import LENGTH_HELP
+from aigc.schemas.specs import LENGTH_HELP
 
 
 def check(kind: str, data: bytes) -> tuple[list[ParsedItem], list[str]]:

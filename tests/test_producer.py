@@ -11,12 +11,12 @@ import redis
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from producer import DispatchError, api
-from schemas.db import get_engine, upgrade
-from schemas.dispatch import queue_name
-from schemas.parsing import InputError
-from schemas.settings import Settings
-from schemas.tables import Item, Job
+from aigc import DispatchError, api
+from aigc.schemas.db import get_engine, upgrade
+from aigc.schemas.dispatch import queue_name
+from aigc.schemas.parsing import InputError
+from aigc.schemas.settings import Settings
+from aigc.schemas.tables import Item, Job
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_inputs_round_trip_exactly_through_bulk_insert(settings):
 def test_submit_file_takes_the_options_of_submit_typed():
     import inspect
 
-    from producer import api
+    from aigc import api
 
     options = {name: p for name, p in inspect.signature(api.submit).parameters.items()
                if p.kind is inspect.Parameter.KEYWORD_ONLY}

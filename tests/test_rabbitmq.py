@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from producer import api
-from schemas.db import upgrade
-from schemas.settings import Settings
+from aigc import api
+from aigc.schemas.db import upgrade
+from aigc.schemas.settings import Settings
 
 from conftest import WorkerProcess, need, plain_rows
 

@@ -12,12 +12,12 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from producer import api, control
-from schemas.db import get_engine
-from schemas.dispatch import queue_name
-from schemas.settings import Settings
-from schemas.tables import Job, utcnow
-from workers import store
+from aigc import api, control
+from aigc.schemas.db import get_engine
+from aigc.schemas.dispatch import queue_name
+from aigc.schemas.settings import Settings
+from aigc.schemas.tables import Job, utcnow
+from aigc.workers import store
 
 from conftest import REPO, WorkerProcess, plain_rows
 from test_faults import FAULT_ENV, assert_exactly_once, fault_settings, items
@@ -86,7 +86,7 @@ def test_a_live_worker_keeps_a_chunk_that_outlasts_its_lease(redis_url, sqlite_u
     first = WorkerProcess(settings, tmp_path / "first.log", FAULT_ENV | {"AIGC_FAULT_SECONDS_PER_BATCH": "1"})
     first.wait_ready()
     second = None
-    sweeper = subprocess.Popen([sys.executable, "-m", "producer.cli", "sweep", "--every", "0.5"],
+    sweeper = subprocess.Popen([sys.executable, "-m", "aigc.cli", "sweep", "--every", "0.5"],
                                env=os.environ | settings.to_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=open(tmp_path / "sweeper.log", "wb"))
     try:

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from schemas.enums import Kind
-from schemas.settings import Settings
-from workers import registry
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import Settings
+from aigc.workers import registry
 
 
 @pytest.fixture()

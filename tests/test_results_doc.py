@@ -9,7 +9,7 @@ import time
 
 from sqlalchemy import create_engine, event, text
 
-from workers import store
+from aigc.workers import store
 
 from conftest import REPO
 from test_store import make_job, row
@@ -20,7 +20,7 @@ QUERIES = re.findall(r"```sql\n(.*?)```", DOC.split("## Throughput", 1)[0], flag
 
 
 def test_the_doc_names_every_column():
-    from schemas.tables import ChunkRun, Counter, File, Item, Job, Result
+    from aigc.schemas.tables import ChunkRun, Counter, File, Item, Job, Result
 
     for table in (Job, Item, Result, ChunkRun, Counter, File):
         for column in table.__table__.columns:
@@ -28,7 +28,7 @@ def test_the_doc_names_every_column():
 
 
 def test_documented_queries_answer_on_this_database(database_url):
-    from schemas.db import get_engine
+    from aigc.schemas.db import get_engine
 
     job_id, ids = make_job(database_url, 3)
     engine = get_engine(database_url)
@@ -54,7 +54,7 @@ def test_documented_queries_answer_on_this_database(database_url):
 def test_reading_new_results_by_seq_never_skips_a_row_while_writers_commit_out_of_order(database_url):
     """Four writers commit batches concurrently, each commit delayed at random (so a row
     numbered earlier often commits later); a reader pages with the documented query."""
-    from schemas.db import get_engine
+    from aigc.schemas.db import get_engine
 
     engine = get_engine(database_url)
     jobs = [make_job(database_url, 40) for _ in range(4)]
@@ -106,7 +106,7 @@ def test_reading_new_results_by_seq_never_skips_a_row_while_writers_commit_out_o
 
 
 def test_every_documented_query_can_use_an_index_on_postgresql(postgres_url):
-    from schemas.db import upgrade
+    from aigc.schemas.db import upgrade
 
     upgrade(postgres_url)
     queries = re.findall(r"```sql\n(.*?)```", DOC, flags=re.S)

@@ -12,10 +12,10 @@ import pytest
 from celery.exceptions import Retry
 from sqlalchemy.exc import OperationalError
 
-from schemas.settings import Settings
-from workers import runner, store
-from workers.errors import DatabaseUnavailable, TransientError
-from workers.retry import RetryPolicy
+from aigc.schemas.settings import Settings
+from aigc.workers import runner, store
+from aigc.workers.errors import DatabaseUnavailable, TransientError
+from aigc.workers.retry import RetryPolicy
 
 from test_store import make_job
 
@@ -38,7 +38,7 @@ def test_the_policy_states_what_the_docs_promise():
 
 
 def test_celery_retries_a_chunk_by_the_policy(monkeypatch):
-    from workers import tasks
+    from aigc.workers import tasks
 
     assert tasks.POLICY == RetryPolicy.from_settings(tasks.get_settings())
     calls = []

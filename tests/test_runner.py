@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from schemas.db import get_engine
-from schemas.settings import Settings
-from schemas.tables import Item, Job, Result
-from workers import runner
-from workers.errors import ModelNotFoundError, TransientError
-from workers.retry import RetryPolicy
+from aigc.schemas.db import get_engine
+from aigc.schemas.settings import Settings
+from aigc.schemas.tables import Item, Job, Result
+from aigc.workers import runner
+from aigc.workers.errors import ModelNotFoundError, TransientError
+from aigc.workers.retry import RetryPolicy
 
 from test_store import make_job
 
@@ -138,7 +138,7 @@ def test_database_outages_are_waited_out_and_mistakes_are_not():
 
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from workers.errors import DatabaseUnavailable
+    from aigc.workers.errors import DatabaseUnavailable
 
     policy = RetryPolicy(outage_seconds=1.0)
     calls = []

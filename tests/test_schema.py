@@ -8,7 +8,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 from sqlmodel import SQLModel
 
-from schemas.db import SchemaError, current_revision, ensure_schema, get_engine, head_revision, upgrade
+from aigc.schemas.db import SchemaError, current_revision, ensure_schema, get_engine, head_revision, upgrade
 
 
 def test_migrations_match_the_models(database_url):
@@ -50,9 +50,9 @@ def test_an_unmigrated_postgres_database_is_refused(postgres_url):
 
 
 def test_the_schema_is_checked_once_per_engine(tmp_path, monkeypatch):
-    from producer import api
-    from schemas import db
-    from schemas.settings import Settings
+    from aigc import api
+    from aigc.schemas import db
+    from aigc.schemas.settings import Settings
 
     checks = []
     real = db.current_revision
@@ -67,7 +67,7 @@ def test_the_schema_is_checked_once_per_engine(tmp_path, monkeypatch):
 
 
 def test_a_stale_schema_is_refused_at_every_call_until_upgraded(tmp_path, monkeypatch):
-    from schemas import db
+    from aigc.schemas import db
 
     url = f"sqlite:///{tmp_path / 'stale.db'}"
     upgrade(url, "0004")
@@ -90,7 +90,7 @@ def test_each_set_of_job_states_is_defined_once_and_used_everywhere():
     import re
     from pathlib import Path
 
-    from schemas.enums import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, UNFINISHED_JOB_STATUSES, JobStatus
+    from aigc.schemas.enums import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, UNFINISHED_JOB_STATUSES, JobStatus
 
     assert set(UNFINISHED_JOB_STATUSES) == set(ACTIVE_JOB_STATUSES) | {JobStatus.cancelling}
     assert set(UNFINISHED_JOB_STATUSES) | set(TERMINAL_JOB_STATUSES) == set(JobStatus)

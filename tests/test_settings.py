@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from schemas.settings import Settings, SettingsError, get_settings, redact_url
+from aigc.schemas.settings import Settings, SettingsError, get_settings, redact_url
 
 # What base64-generated secrets look like, plus the characters URLs care about.
 NASTY = 'a/b+c=d@e:f%g"h\'i j\\k#l?m'
@@ -138,7 +138,7 @@ def test_readme_settings_table_is_the_one_the_model_writes():
 
 
 def test_every_setting_is_described_and_in_the_table():
-    from schemas.settings import settings_table
+    from aigc.schemas.settings import settings_table
 
     table = settings_table()
     for name, field in Settings.model_fields.items():

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from producer import api
-from schemas.settings import Settings
-from schemas.specs import GenerationParams
-from workers.decode import DecodeStats, GrowingLayer, decode, new_cache
-from workers.lm import CausalLM, TextRequest
-from workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, resolve_precision
+from aigc import api
+from aigc.schemas.settings import Settings
+from aigc.schemas.specs import GenerationParams
+from aigc.workers.decode import DecodeStats, GrowingLayer, decode, new_cache
+from aigc.workers.lm import CausalLM, TextRequest
+from aigc.workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, resolve_precision
 
 from conftest import WorkerProcess
 

@@ -8,10 +8,10 @@ import uuid
 from sqlalchemy import insert, select, update
 from sqlmodel import Session
 
-from schemas.db import get_engine, upgrade
-from schemas.tables import Item, Job, Result
-from workers import store
-from workers.contract import ClaimedItem, ResultRow
+from aigc.schemas.db import get_engine, upgrade
+from aigc.schemas.tables import Item, Job, Result
+from aigc.workers import store
+from aigc.workers.contract import ClaimedItem, ResultRow
 
 
 def make_job(url: str, n: int) -> tuple[str, list[int]]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.specs import effective_params
-from schemas.templates import (
+from aigc.schemas.specs import effective_params
+from aigc.schemas.templates import (
     REPLY_PREFIX, complete_sentences, is_empty, parse_output, render_messages, render_prompt,
 )
 

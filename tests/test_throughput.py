@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from producer import DispatchError, api, control
+from aigc import DispatchError, api, control
 
 from conftest import REPO, plain_rows, settings_env
 
@@ -71,7 +71,7 @@ class Cli:
 
     def __init__(self, settings, *args: str):
         env = os.environ | settings_env(settings) | {"COLUMNS": "200"}
-        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "aigc.cli", *args], env=env,
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)
         self.lines: list[str] = []

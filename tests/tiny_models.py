@@ -39,8 +39,8 @@ def build_tiny_dcgan(path: Path, *, nz: int = 8, ngf: int = 4, seed: int = 0) ->
     """
     import torch
 
-    from workers.dcgan import DCGAN, DCGANConfig
-    from workers.gan import save_gan
+    from aigc.workers.dcgan import DCGAN, DCGANConfig
+    from aigc.workers.gan import save_gan
 
     torch.manual_seed(seed)
     model = DCGAN(DCGANConfig(nz=nz, ngf=ngf))

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from schemas.enums import Kind
-from schemas.settings import Settings
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import Settings
 
 from . import launcher
 
@@ -117,7 +117,7 @@ def worker(
             launcher.check_devices(pinned)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--devices") from None
-    from schemas.settings import get_settings, redact_url
+    from aigc.schemas.settings import get_settings, redact_url
 
     from . import logs
 
@@ -130,7 +130,7 @@ def worker(
     device = launcher.pin(pinned[0])
     node = hostname.replace("{device}", device).replace("%h", socket.gethostname())
 
-    from schemas.db import ensure_schema
+    from aigc.schemas.db import ensure_schema
 
     ensure_schema(settings.database_url)
     for module in settings.plugins:  # the user's own backends register themselves on import

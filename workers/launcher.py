@@ -80,7 +80,7 @@ class Child:
 
 def supervise(devices: list[str], worker_args: list[str], poll: float = 0.5) -> int:
     """Run one worker per device until SIGTERM/SIGINT; restart any that exits."""
-    children = [Child(d, [sys.executable, "-m", "workers", "--devices", d, *worker_args])
+    children = [Child(d, [sys.executable, "-m", "aigc.workers", "--devices", d, *worker_args])
                 for d in devices]
     stopping = False
 

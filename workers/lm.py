@@ -24,8 +24,8 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, StopStringCriteria,
 )
 
-from schemas.settings import DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, get_settings
-from schemas.specs import GenerationParams
+from aigc.schemas.settings import DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, get_settings
+from aigc.schemas.specs import GenerationParams
 
 from .batching import AdaptiveBatch
 from .decode import DecodeStats, decode
@@ -182,7 +182,7 @@ def plan_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], ma
 
 class CausalLM:
     """A loaded model and tokenizer on this process's device, in ``precision``
-    (:mod:`workers.precision`; ``auto``: bf16 or int8 on CPU, bf16 or fp16 on GPUs)."""
+    (:mod:`aigc.workers.precision`; ``auto``: bf16 or int8 on CPU, bf16 or fp16 on GPUs)."""
 
     def __init__(self, ref: str, *, allow_downloads: bool = False, device: str | None = None,
                  models_dir: Path | None = None, precision: str = "auto"):
@@ -277,7 +277,7 @@ class CausalLM:
             f"to at most {room} (or shorten the prompt)", params=request.params)
 
     def _run_batch(self, requests: list[TextRequest], ids: list[list[int]]) -> list[TextOutput]:
-        """One left-padded batch (prompts end together) through :func:`workers.decode.decode`,
+        """One left-padded batch (prompts end together) through :func:`aigc.workers.decode.decode`,
         which stops computing each row as soon as it ends."""
         params = requests[0].params
         width = max(len(row) for row in ids)

@@ -18,7 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from sqlalchemy.engine import make_url
 
-from schemas.settings import Settings
+from aigc.schemas.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.

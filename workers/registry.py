@@ -21,15 +21,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from schemas.enums import Kind
-from schemas.settings import Settings
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import Settings
 
 from .contract import Generator
 from .errors import UnknownArchitectureError, UnknownKindError
 
 # Modules whose import registers the built-in backends (imported on first lookup: they need torch).
-BUILTIN_BACKENDS = ("workers.text", "workers.images")
-BUILTIN_ARCHITECTURES = ("workers.dcgan",)
+BUILTIN_BACKENDS = ("aigc.workers.text", "aigc.workers.images")
+BUILTIN_ARCHITECTURES = ("aigc.workers.dcgan",)
 
 
 _backends: dict[Kind, type[Generator]] = {}

@@ -4,7 +4,7 @@ Three layers, from the inside out (docs/reliability.md says what they promise):
 
 1. **One SQL call.** A database that cannot be reached is waited out: the call is repeated
    after 0.25 s, doubling to 5 s, for up to ``AIGC_DB_OUTAGE_SECONDS`` from its start
-   (tenacity); then :class:`DatabaseUnavailable`. Every call of ``workers.store`` is safe to
+   (tenacity); then :class:`DatabaseUnavailable`. Every call of ``aigc.workers.store`` is safe to
    repeat. A mistake (a missing table, bad SQL) is raised at once.
 2. **One chunk** (a Celery task). A :class:`TransientError` (the database still away, out of
    memory on a single row, the artifact store down) hands the chunk's unfinished items back
@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import tenacity
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from schemas.settings import Settings
+from aigc.schemas.settings import Settings
 
 from .errors import DatabaseUnavailable, TransientError
 

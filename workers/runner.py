@@ -9,9 +9,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from schemas.db import get_engine
-from schemas.enums import ItemStatus, JobStatus
-from schemas.settings import Settings
+from aigc.schemas.db import get_engine
+from aigc.schemas.enums import ItemStatus, JobStatus
+from aigc.schemas.settings import Settings
 
 from . import store
 from .contract import ClaimedItem, JobInfo, ResultRow, as_result_rows, result_row

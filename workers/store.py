@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import Engine, and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from schemas import lifecycle
-from schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
-from schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
+from aigc.schemas import lifecycle
+from aigc.schemas.enums import ACTIVE_JOB_STATUSES, ItemStatus, JobStatus
+from aigc.schemas.tables import ChunkRun, Counter, Item, Job, Result, utcnow
 
 from .contract import ClaimedItem, JobInfo, ResultRow
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from celery import Task
 
-from schemas.dispatch import LEGACY_TASK, task_name
-from schemas.enums import Kind
-from schemas.settings import get_settings
+from aigc.schemas.dispatch import LEGACY_TASK, task_name
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import get_settings
 
 from .app import app
 from .retry import RetryPolicy

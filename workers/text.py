@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.enums import Kind
-from schemas.settings import Settings
-from schemas.specs import GenerationParams, chose_max_new_tokens, effective_params, is_templated
-from schemas.templates import is_empty, output_text, parse_output, render_messages, render_prompt
+from aigc.schemas.enums import Kind
+from aigc.schemas.settings import Settings
+from aigc.schemas.specs import GenerationParams, chose_max_new_tokens, effective_params, is_templated
+from aigc.schemas.templates import is_empty, output_text, parse_output, render_messages, render_prompt
 
 from .contract import ClaimedItem, JobInfo, ResultRow, result_row
 from .lm import CausalLM, TextOutput, TextRequest

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from sqlalchemy import text
 
-from schemas.db import ensure_schema
-from schemas.settings import Settings, get_settings
+from aigc.schemas.db import ensure_schema
+from aigc.schemas.settings import Settings, get_settings
 
 from ..dispatch import _client
 from . import batches, errors, files

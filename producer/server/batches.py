@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, and_, func, or_, select
 from sqlmodel import Session
 
-from schemas.enums import JobStatus, Kind
-from schemas.formats import read_openai_batch
-from schemas.openai_images import IMAGES_URL, read_openai_images
-from schemas.parsing import InputError
-from schemas.tables import Job, Result, utcnow
+from aigc.schemas.enums import JobStatus, Kind
+from aigc.schemas.formats import read_openai_batch
+from aigc.schemas.openai_images import IMAGES_URL, read_openai_images
+from aigc.schemas.parsing import InputError
+from aigc.schemas.tables import Job, Result, utcnow
 
 from .. import api, control
 from ..dispatch import DispatchError

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from sqlalchemy import Engine, select, update
 from sqlmodel import Session
 
-from schemas import lifecycle
-from schemas.enums import ACTIVE_JOB_STATUSES
-from schemas.tables import Job, utcnow
+from aigc.schemas import lifecycle
+from aigc.schemas.enums import ACTIVE_JOB_STATUSES
+from aigc.schemas.tables import Job, utcnow
 
 log = logging.getLogger("aigc.api")
 CHECK_SECONDS = 5.0

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from schemas.tables import File, Job, utcnow
+from aigc.schemas.tables import File, Job, utcnow
 
 from .. import api
 from ..export import openai_line

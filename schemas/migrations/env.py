@@ -4,7 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 from sqlmodel import SQLModel
 
-from schemas import tables  # noqa: F401
+from aigc.schemas import tables  # noqa: F401
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -1,0 +1,5 @@
+"""``python -m aigc``: the ``aigc`` command line."""
+
+from .cli import main
+
+main()
