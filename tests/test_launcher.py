@@ -22,7 +22,7 @@ from aigc.workers.launcher import parse_devices
 
 from conftest import REPO, settings_env
 
-pytestmark = pytest.mark.integration
+# Marked per test: the pure ones below run in the fast lane.
 
 
 def test_parse_devices():
@@ -76,6 +76,7 @@ FAKE_GPUS = {"PYTHONPATH": f"{REPO / 'tests' / 'fake_cuda'}{os.pathsep}{os.envir
     ("0", "0", "GPU 0 is not available here"),
     ("1", "1", "GPU 1 is not available here"),
 ])
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_a_gpu_that_does_not_exist_is_a_startup_error(fleet_settings, gpus, devices, message):
     env = os.environ | settings_env(fleet_settings) | FAKE_GPUS | {"AIGC_TEST_FAKE_GPUS": gpus}
     started = subprocess.run([sys.executable, "-m", "aigc.workers", "--devices", devices, "--no-preload"],
@@ -85,6 +86,7 @@ def test_a_gpu_that_does_not_exist_is_a_startup_error(fleet_settings, gpus, devi
     assert "Traceback" not in started.stderr
 
 
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_one_pinned_process_per_device_restarted_when_it_dies(fleet_settings, tmp_path):
     tag = uuid.uuid4().hex[:6]
     log = open(tmp_path / "fleet.log", "wb")
@@ -117,6 +119,7 @@ def test_one_pinned_process_per_device_restarted_when_it_dies(fleet_settings, tm
     assert "exited with -9" in (tmp_path / "fleet.log").read_text()
 
 
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_a_busy_worker_answers_ping(fleet_settings, tmp_path):
     from conftest import WorkerProcess
 
@@ -146,6 +149,7 @@ def test_a_busy_worker_answers_ping(fleet_settings, tmp_path):
     (["--frobnicate"], "no such option: --frobnicate"),
     (["-Q", "poems"], "unknown queue(s) poems"),
 ])
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_worker_options_that_do_not_fit_are_refused_with_a_reason(args, message):
     refused = subprocess.run([sys.executable, "-m", "aigc.cli", "worker", *args], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
@@ -153,6 +157,7 @@ def test_worker_options_that_do_not_fit_are_refused_with_a_reason(args, message)
     assert message in " ".join(refused.stderr.replace("│", " ").split()), refused.stderr
 
 
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_worker_help_is_real_and_celery_options_pass_through(fleet_settings, tmp_path):
     shown = subprocess.run([sys.executable, "-m", "aigc.cli", "worker", "--help"], cwd=REPO,
                            capture_output=True, text=True, timeout=60, env=os.environ | {"COLUMNS": "200"})

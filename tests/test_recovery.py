@@ -23,7 +23,7 @@ from conftest import REPO, WorkerProcess, plain_rows
 from test_faults import FAULT_ENV, assert_exactly_once, fault_settings, items
 from test_store import make_job
 
-pytestmark = pytest.mark.integration
+# Marked per test: the pure ones below run in the fast lane.
 
 
 def queued_ids(settings: Settings, kind: str = "article") -> list[int]:
@@ -45,6 +45,7 @@ def test_the_default_lease_is_short_and_the_heartbeat_renews_it(database_url):
     assert store.claim(engine=engine, job_id=job_id, item_ids=ids, owner="c", lease_seconds=60) == []
 
 
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_sweep_resends_expired_leases_at_once_even_while_the_job_progresses(redis_url, database_url, tmp_path):
     settings = Settings(broker_url=redis_url, database_url=database_url, data_dir=tmp_path)
     redis.Redis.from_url(redis_url).flushdb()
@@ -64,6 +65,7 @@ def test_sweep_resends_expired_leases_at_once_even_while_the_job_progresses(redi
     assert control.sweep(stale_seconds=600, settings=settings) == {}  # nothing sent twice
 
 
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_sweep_lets_a_cancelled_job_with_a_dead_worker_finish_cancelling(redis_url, database_url, tmp_path):
     settings = Settings(broker_url=redis_url, database_url=database_url, data_dir=tmp_path)
     engine = get_engine(database_url)
@@ -77,6 +79,7 @@ def test_sweep_lets_a_cancelled_job_with_a_dead_worker_finish_cancelling(redis_u
     assert api.status(job_id, settings=settings).status == "cancelled"
 
 
+@pytest.mark.integration  # worker or CLI subprocesses
 def test_a_live_worker_keeps_a_chunk_that_outlasts_its_lease(redis_url, sqlite_url, tiny_model, tmp_path):
     # One chunk of 8 items, one item a batch, ~1 s each: 8 s against a 2 s lease, with an idle
     # second worker and the sweeper running every half second. Without the heartbeat the
