@@ -1,4 +1,4 @@
-"""The SQL tables: a public contract that downstream systems read (docs/architecture.md).
+"""The SQL tables: a public contract that downstream systems read (docs/results-table.md).
 
 Change them only together with a new Alembic migration in ``schemas/migrations/versions``;
 ``tests/test_schema.py`` fails when the models and the migrations disagree.
