@@ -23,7 +23,7 @@ prompt tokens). ``--sweep 8,16,32,64`` instead measures the worker's LM alone in
 each batch size, to choose ``AIGC_MAX_BATCH_ROWS``; ``--agreement`` how closely int8, bf16 and
 torch's stock ``quantize_dynamic`` follow float32 token by token. Prints one JSON object.
 
-    python benchmarks/text_vs_peer.py [--items 56] [--batch 32] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/text_vs_peer.py [--items 56] [--batch 64] [--repeats 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -267,7 +267,8 @@ def main() -> None:
         return llama_child(sys.argv[2], int(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=56)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=Settings().max_batch_rows,
+                        help="rows per batch for aigc and bare generate (default: the worker's, AIGC_MAX_BATCH_ROWS)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="auto", help="AIGC_TEXT_PRECISION for aigc and bare")

@@ -6,6 +6,13 @@ A service that is not reachable skips its tests locally and fails them in CI (``
 from __future__ import annotations
 
 import os
+
+# One torch (OpenMP) thread per process: the suite runs many processes at once (workers, CLI,
+# servers), and two suites may share a host. With more OpenMP threads than cores, spin-waiting
+# threads starve the rest: two suites on 2 cores made the demo's four articles take 214 s
+# instead of about 10. Tests assert behaviour, not speed (benchmarks/ measure that).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import subprocess
 import sys
 import time
