@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m producer.cli serve`` with ``settings``; ``kill()`` is SIGKILL, no goodbye."""
+    """``python -m aigc.cli serve`` with ``settings``; ``kill()`` is SIGKILL, no goodbye."""
 
     def __init__(self, settings: Settings, log_path: Path, port: int | None = None):
         self.settings, self.log_path = settings, log_path

@@ -142,7 +142,7 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 class WorkerProcess:
-    """A real ``python -m workers`` subprocess with its own node name and log file."""
+    """A real ``python -m aigc.workers`` subprocess with its own node name and log file."""
 
     def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None,
                  stdout_path: Path | None = None, extra_args: list[str] | None = None):

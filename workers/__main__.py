@@ -1,4 +1,4 @@
-"""``python -m workers``: start one worker process (``aigc worker`` runs this).
+"""``python -m aigc.workers``: start one worker process (``aigc worker`` runs this).
 
 The device is pinned through ``CUDA_VISIBLE_DEVICES`` *before* torch is imported, and the
 pool is a thread pool: no fork ever happens after torch has started its threads.

