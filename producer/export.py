@@ -1,8 +1,8 @@
 """Writing result rows out: JSONL, CSV, Parquet, and OpenAI Batch output and error files.
 
 Each writer streams: rows are consumed once and memory stays flat for any job size. A row is a
-dict with the columns of :data:`schemas.results.EXPORT_COLUMNS` (what ``aigc.results``
-yields), whose types (:class:`schemas.results.ResultRow`) give the Parquet schema.
+dict with the columns of :data:`aigc.schemas.results.EXPORT_COLUMNS` (what ``aigc.results``
+yields), whose types (:class:`aigc.schemas.results.ResultRow`) give the Parquet schema.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def write_parquet(rows: Iterable[dict[str, Any]], out: BinaryIO, batch_rows: int
 
 def parquet_schema() -> Any:
     """The ``pyarrow.Schema`` of an export: one column per export column, typed from
-    :class:`schemas.results.ResultRow` (JSON columns as strings)."""
+    :class:`aigc.schemas.results.ResultRow` (JSON columns as strings)."""
     import pyarrow as pa
 
     types = {str: pa.string(), int: pa.int64(), float: pa.float64(), dict: pa.string(),

@@ -1,7 +1,7 @@
 """One result row: what a generator backend yields per item, what the worker writes into
 ``results``, and the columns every export (JSONL, CSV, Parquet) carries.
 
-The fields are the ``results`` table's columns (``schemas.tables.Result``) less ``id`` and
+The fields are the ``results`` table's columns (``aigc.schemas.tables.Result``) less ``id`` and
 ``seq``, which the writer assigns; ``tests/test_contract.py`` keeps the two in step. Column
 lists elsewhere are derived from here, never written out again.
 """

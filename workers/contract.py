@@ -23,9 +23,9 @@ return is defined here::
 ``run`` yields one list of rows per batch, as soon as they are final: the runner commits a
 batch while the next one generates, and may close the generator between batches (the job was
 cancelled). Each item gets exactly one row; a failed item is a row with ``error_code`` set, not
-an exception. Raise :class:`workers.errors.TransientError` when the world failed (out of
+an exception. Raise :class:`aigc.workers.errors.TransientError` when the world failed (out of
 memory, storage away): the items without a row yet are retried later. Raise
-:class:`workers.errors.PermanentError` when they can never succeed: they are recorded with its
+:class:`aigc.workers.errors.PermanentError` when they can never succeed: they are recorded with its
 code. An item that gets no row at all stays leased until its lease expires and is run again.
 """
 
@@ -46,9 +46,9 @@ class JobInfo:
     """The job a chunk belongs to, as stored in ``jobs``."""
 
     id: str  # uuid text
-    kind: str  # a ``schemas.enums.Kind`` value: ``article``, ``ad_copy``, ``image_set``
+    kind: str  # a ``aigc.schemas.enums.Kind`` value: ``article``, ``ad_copy``, ``image_set``
     model: str  # the model name every item of the job runs on, as submitted
-    params: dict[str, Any]  # the job's parameters as given (``schemas.specs.JobParams``)
+    params: dict[str, Any]  # the job's parameters as given (``aigc.schemas.specs.JobParams``)
     status: str  # ``running`` while its items are generated
 
 

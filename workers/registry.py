@@ -1,6 +1,6 @@
 """Generator backends register here by job kind, GAN architectures by name; nothing branches.
 
-A backend is a :class:`workers.contract.Generator`: a class taking ``(model, settings)`` whose
+A backend is a :class:`aigc.workers.contract.Generator`: a class taking ``(model, settings)`` whose
 ``run(job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]`` yields the rows of
 one batch at a time, and whose ``memory_bytes`` says what its weights occupy. Instances are
 cached per process (models stay warm) in an LRU bounded by memory (``AIGC_MODEL_CACHE_MB``), so
