@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from aigc.schemas.db import upgrade
-from aigc.schemas.dispatch import celery_config
+from aigc.schemas.dispatch import celery_config, queue_name
+from aigc.schemas.enums import Kind
 from aigc.schemas.settings import Settings
 
 from tiny_models import build_tiny_gpt2
@@ -188,18 +190,64 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return settings.to_env()
 
 
+class InProcessWorker:
+    """A real Celery worker (``celery.contrib.testing``'s, a thread pool of one as ``aigc
+    worker`` runs) consuming this run's queues in a thread of the test process.
+
+    Real broker, real messages, real SQL, the real tasks, runner and backends: only the process
+    boundary is left out, which costs a worker start (torch, transformers) per module and adds
+    nothing where no test kills the worker. Tests where crashes, signals, the launcher or the
+    command line are the point use :class:`WorkerProcess`.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.hostname = f"inproc-{uuid.uuid4().hex[:8]}@test"
+
+    @contextmanager
+    def running(self) -> Iterator[InProcessWorker]:
+        from celery.app.trace import setup_worker_optimizations, reset_worker_optimizations
+        from celery.contrib.testing.worker import start_worker
+
+        from aigc.schemas.settings import get_settings
+
+        # The tasks read the process's settings, as a worker process reads its environment.
+        env = self.settings.to_env()
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        get_settings.cache_clear()
+        from aigc.workers import tasks  # noqa: F401 (registers the tasks)
+        from aigc.workers.app import app
+
+        app.conf.update(celery_config(self.settings))
+        app.conf.worker_hijack_root_logger = False  # leave pytest's log capture alone
+        # What `celery worker` does before it starts (celery.apps.worker.Worker.on_before_init):
+        # without it, tasks see this machine's name as request.hostname, not the node's.
+        setup_worker_optimizations(app, self.hostname)
+        try:
+            with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False,
+                              hostname=self.hostname, shutdown_timeout=60,
+                              queues=[queue_name(kind) for kind in Kind]):  # as `aigc worker`'s default
+                yield self
+        finally:
+            reset_worker_optimizations(app)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            get_settings.cache_clear()
+
+
 @pytest.fixture(scope="module")
-def stack(database_url, redis_url, tiny_model, tmp_path_factory):
-    """Settings shared by this process and one running worker; small chunks and batches."""
+def stack(database_url, redis_url, tiny_model):
+    """Settings shared by this process and a running worker (in process); small chunks and
+    batches."""
     settings = Settings(broker_url=redis_url, database_url=database_url, text_model=str(tiny_model),
                         chunk_size=16, max_batch_rows=8, data_dir=tiny_model.parent)
     upgrade(database_url)
-    worker = WorkerProcess(settings, tmp_path_factory.mktemp("worker") / "worker.log")
-    try:
-        worker.wait_ready()
+    with InProcessWorker(settings).running() as worker:
         yield settings, worker
-    finally:
-        worker.stop()
 
 
 def plain_rows(url: str, sql: str, **params) -> list[dict]:
