@@ -302,9 +302,6 @@ def wait(job_id: str, *, timeout: float | None = None, poll: float = 0.5,
         time.sleep(poll)
 
 
-RESULT_COLUMNS = EXPORT_COLUMNS  # a result row's keys, from schemas.results.ResultRow
-
-
 def results(job_id: str, *, errors_only: bool = False, with_input: bool = False,
             settings: Settings | None = None) -> Iterator[dict[str, Any]]:
     """The job's result rows as dicts, in submission order, streamed.
@@ -320,7 +317,7 @@ def results(job_id: str, *, errors_only: bool = False, with_input: bool = False,
 def _results(job_id: str, errors_only: bool, with_input: bool,
              settings: Settings | None) -> Iterator[dict[str, Any]]:
     engine = ensure_schema((settings or get_settings()).database_url)
-    columns = [getattr(Result, name) for name in RESULT_COLUMNS]
+    columns = [getattr(Result, name) for name in EXPORT_COLUMNS]
     if with_input:
         columns += [Result.job_id, Item.input]
     query = (select(*columns).join(Item, Item.id == Result.item_id)

@@ -17,8 +17,6 @@ from typing import Any, BinaryIO, TextIO
 
 from aigc.schemas.results import EXPORT_COLUMNS, JSON_COLUMNS, column_type
 
-JSON_FIELDS = JSON_COLUMNS  # written as JSON text in CSV and Parquet
-
 
 def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
@@ -73,7 +71,7 @@ def parquet_schema() -> Any:
 
 
 def _parquet_value(name: str, value: Any) -> Any:
-    if name in JSON_FIELDS and value is not None:
+    if name in JSON_COLUMNS and value is not None:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)  # SQLite gives naive UTC
