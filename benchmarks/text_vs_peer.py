@@ -51,7 +51,7 @@ from aigc.schemas.settings import PRETRAINED_TEXT_MODEL, Settings  # noqa: E402
 from aigc.schemas.specs import GenerationParams  # noqa: E402
 from aigc.schemas.templates import render_messages  # noqa: E402
 from text_quality import ADS, ARTICLES  # noqa: E402
-from aigc.workers.lm import CausalLM, TextRequest, plan_batches  # noqa: E402
+from aigc.workers.lm import CausalLM, TextRequest  # noqa: E402
 
 JOB_PARAMS = {"temperature": 0, "min_new_tokens": 0, "repetition_penalty": 1.0}
 
@@ -192,11 +192,8 @@ def aigc(settings: Settings, items: list[tuple[str, dict]], ids: list[list[int]]
     rows = [r for job_id in jobs for r in api.results(job_id, settings=settings)]
     kept = sum(r["output_tokens"] for r in rows)
     ended = sum(r["finish_reason"] == "stop" for r in rows)  # each computed one end-of-text step
-    lengths, padded = [len(r) for r in ids], 0
-    for kind in by_kind:  # each job's chunk is batched on its own, as the worker does
-        mine = [n for n, (k, _) in zip(lengths, items) if k == kind]
-        padded += sum(len(b) * max(mine[i] for i in b) for b in plan_batches(mine, new, batch, settings.max_batch_tokens))
-    return {"useful": kept, "decoded": kept + ended, "prompt": sum(lengths), "padded": padded,
+    # Prefill padding happens inside the worker (rows are prefilled as they join): not seen here.
+    return {"useful": kept, "decoded": kept + ended, "prompt": sum(map(len, ids)), "padded": None,
             "seconds": seconds, "precision": rows[0]["params"].get("precision")}
 
 
@@ -207,7 +204,7 @@ def summary(runs: list[dict]) -> dict:
                                     "min": round(min(speeds), 1), "max": round(max(speeds), 1),
                                     "runs": [round(s, 1) for s in speeds]},
             "useful_over_computed": {"decode": round(last["useful"] / last["decoded"], 3),
-                                     "prefill": round(last["prompt"] / last["padded"], 3)},
+                                     "prefill": round(last["prompt"] / last["padded"], 3) if last["padded"] else None},
             "useful_tokens": last["useful"]}
 
 

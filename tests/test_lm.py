@@ -6,7 +6,7 @@ import pytest
 
 from aigc.schemas.specs import GenerationParams
 from aigc.workers.errors import ModelNotFoundError
-from aigc.workers.lm import CausalLM, TextRequest, plan_batches, resolve_model
+from aigc.workers.lm import CausalLM, TextRequest, resolve_model
 
 PROMPTS = [
     "Hello",
@@ -76,21 +76,92 @@ def test_a_prompt_too_long_for_the_context_fails_alone(lm):
     assert outputs[1].error_code is None and outputs[1].output_tokens == 16
 
 
-@pytest.mark.parametrize("lengths,max_new,rows,tokens", [
-    ([5, 300, 7, 250, 6, 8, 290, 9], 10, 3, 10_000),
-    ([5, 300, 7, 250, 6, 8, 290, 9], 10, 8, 700),
-    ([50] * 7, 50, 8, 150),  # one row alone exceeds the token budget
-])
-def test_plan_batches_buckets_by_length_within_limits(lengths, max_new, rows, tokens):
-    batches = plan_batches(lengths, max_new, rows, tokens)
+def forward_sizes(lm, monkeypatch, fits: int | None = None) -> list[tuple[int, int]]:
+    """Record (rows, positions) of every forward pass; rows > ``fits`` run out of memory."""
+    import torch
 
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        width = max(lengths[i] for i in batch) + max_new
-        assert len(batch) <= rows
-        assert len(batch) == 1 or len(batch) * width <= tokens
-    flat = [lengths[i] for b in batches for i in b]
-    assert flat == sorted(flat)  # similar lengths share a batch: little padding
+    sizes, real = [], lm.model.forward
+
+    def forward(*args, input_ids=None, attention_mask=None, **kwargs):
+        sizes.append((input_ids.shape[0], attention_mask.shape[1]))
+        if fits is not None and input_ids.shape[0] > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", forward)
+    return sizes
+
+
+@pytest.mark.parametrize("bucketing", [True, False])
+@pytest.mark.parametrize("params", [
+    GenerationParams(max_new_tokens=16),
+    GenerationParams(max_new_tokens=16, temperature=1.0, top_p=0.9),
+    GenerationParams(max_new_tokens=16, repetition_penalty=1.5, min_new_tokens=2),
+], ids=["greedy", "sampled", "penalised"])
+def test_rows_that_join_a_running_batch_write_what_they_write_alone(tiny_model, monkeypatch, params, bucketing):
+    lm = CausalLM(str(tiny_model), device="cpu")
+    limits = [3, 12, 7, 16, 1, 9]  # rows end at different steps: the others join as they do
+    requests = [TextRequest(i, p, params.model_copy(update={"max_new_tokens": n}), seed=i)
+                for i, (p, n) in enumerate(zip(PROMPTS, limits))]
+    alone = {r.key: run(lm, [r], max_rows=1)[r.key] for r in requests}
+    sizes = forward_sizes(lm, monkeypatch)
+    prefills = lm.stats.prefills
+
+    joined = [o for batch in lm.generate(requests, max_rows=3, max_tokens=100_000, bucketing=bucketing)
+              for o in batch]
+
+    assert {o.key: (o.text, o.output_tokens) for o in joined} == \
+        {k: (o.text, o.output_tokens) for k, o in alone.items()}
+    assert max(rows for rows, _ in sizes) <= 3
+    assert lm.stats.prefills - prefills > 2  # rows joined the running batch, not batch after batch
+
+
+def test_requests_that_arrive_later_join_the_running_batch(tiny_model, monkeypatch):
+    from aigc.workers import lm as lm_module
+
+    lm = CausalLM(str(tiny_model), device="cpu")
+    params = GenerationParams(max_new_tokens=24)
+    requests = [TextRequest(i, p, params, seed=0) for i, p in enumerate(PROMPTS)]
+    alone = {r.key: run(lm, [r], max_rows=1)[r.key] for r in requests}
+    late = list(requests[2:])
+    asked = []
+
+    def more(room):
+        asked.append(room)
+        return [late.pop(0)] if late else []
+
+    monkeypatch.setattr(lm_module, "MORE_SECONDS", 0)  # ask at every step that has room
+    sizes = forward_sizes(lm, monkeypatch)
+    first = lm.stats.prefills
+    got = {o.key: o for batch in lm.generate(requests[:2], max_rows=4, max_tokens=100_000, more=more)
+           for o in batch}
+
+    assert {k: o.text for k, o in got.items()} == {k: o.text for k, o in alone.items()}
+    assert asked[0] == 2 and all(0 < room <= 4 for room in asked)  # only asked while there was room
+    # The first late one joins the first prefill; each later one joins the running batch.
+    assert lm.stats.prefills - first == len(requests) - 2 and not late
+    assert [rows for rows, _ in sizes[:4]] == [3, 3, 1, 4]  # prefill, step, join, step of four
+
+
+def test_the_batch_keeps_within_the_token_budget_and_drops_padding_every_row_has(tiny_model, monkeypatch):
+    from aigc.workers import decode
+
+    lm = CausalLM(str(tiny_model), device="cpu")
+    long_prompt = " ".join(["word"] * 90)
+    requests = [TextRequest(0, long_prompt, GenerationParams(max_new_tokens=2), 0)] + [
+        TextRequest(i, p, GenerationParams(max_new_tokens=40), 0) for i, p in enumerate(["Hello", "Tides", "A"], 1)]
+    alone = {r.key: run(lm, [r], max_rows=1)[r.key] for r in requests}
+    dropped = []
+    real = decode.GrowingLayer.drop_front
+    monkeypatch.setattr(decode.GrowingLayer, "drop_front", lambda self, n: (dropped.append(n), real(self, n)))
+    sizes = forward_sizes(lm, monkeypatch)
+
+    got = run(lm, requests, max_rows=8, max_tokens=4 * 140)
+
+    assert {k: o.text for k, o in got.items()} == {k: o.text for k, o in alone.items()}
+    assert all(rows == 1 or rows * width <= 4 * 140 for rows, width in sizes)
+    assert dropped and min(dropped) >= decode.TRIM  # the long prompt's columns went with it
+    assert sizes[-1][1] < 90  # the rows that went on attend to their own positions only
 
 
 def test_resolve_model_names_what_is_missing(tmp_path, monkeypatch):
@@ -111,42 +182,25 @@ def test_resolve_model_accepts_a_model_directory(tiny_model):
 
 
 def test_out_of_memory_halves_the_batch_and_remembers(tiny_model, monkeypatch):
-    import torch
-
     from aigc.workers.errors import TransientError
 
     lm = CausalLM(str(tiny_model), device="cpu")
     params = GenerationParams(max_new_tokens=6)
     requests = [TextRequest(i, p, params, seed=0) for i, p in enumerate(PROMPTS)]
     expected = run(lm, requests, max_rows=8)
-    real = lm._run_batch
-    sizes = []
+    sizes = forward_sizes(lm, monkeypatch, fits=2)  # as if only 2 rows fit in memory
 
-    def small_device(reqs, ids):  # as if only 2 rows fit in memory
-        sizes.append(len(reqs))
-        if len(reqs) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(reqs, ids)
-
-    monkeypatch.setattr(lm, "_run_batch", small_device)
     got = run(lm, requests, max_rows=8)
 
     assert {k: o.text for k, o in got.items()} == {k: o.text for k, o in expected.items()}
-    assert sizes[0] == 6 and max(sizes[1:]) <= 3 and lm.rows_cap == 2
+    assert sizes[0][0] == 6 and lm.rows_cap == 2
     sizes.clear()
     run(lm, requests, max_rows=8)
-    assert max(sizes) <= 2  # later batches start at the size that fit
+    assert max(rows for rows, _ in sizes) <= 2  # later batches start at the size that fit
 
-    monkeypatch.setattr(lm, "_run_batch", lambda reqs, ids: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    forward_sizes(lm, monkeypatch, fits=0)
     with pytest.raises(TransientError, match="single row"):
         run(lm, requests[:1], max_rows=8)
-
-
-def test_plan_batches_without_bucketing_keeps_submission_order():
-    lengths = [5, 300, 7, 250, 6]
-    batches = plan_batches(lengths, 10, 2, 10_000, bucketing=False)
-    assert batches == [[0, 1], [2, 3], [4]]
-    assert plan_batches(lengths, 10, 8, 600, bucketing=False) == [[0], [1], [2, 3], [4]]
 
 
 def test_min_new_tokens_holds_back_the_end_of_text(tiny_model):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from aigc import api
 from aigc.schemas.settings import Settings
 from aigc.schemas.specs import GenerationParams
-from aigc.workers.decode import DecodeStats, GrowingLayer, decode, new_cache
+from aigc.workers.decode import DecodeStats, GrowingLayer, Row, Sampling, decode, new_cache
 from aigc.workers.lm import CausalLM, TextRequest
 from aigc.workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, resolve_precision
 
@@ -95,11 +94,13 @@ def test_decode_gives_what_generate_gives_and_stops_computing_ended_rows(tiny_mo
         reference = lm.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=12,
                                       do_sample=False, pad_token_id=lm.pad_id)[:, width:]
     stats = DecodeStats()
+    rows = [Row(i, r, limit) for i, (r, limit) in enumerate(zip(ids, limits))]
+    given = iter([rows])
 
-    new = decode(lm.model, input_ids, attention, limits=limits, eos_id=None,
-                 processors=LogitsProcessorList(), stopping=StoppingCriteriaList(), stats=stats)
+    new = dict(kv for done in decode(lm.model, lambda running, width: next(given, []), sampling=Sampling(),
+                                     eos_id=None, pad_id=lm.pad_id, stats=stats) for kv in done)
 
-    assert [len(row) for row in new] == limits
+    assert [len(new[row]) for row in range(len(limits))] == limits
     for row, limit in enumerate(limits):
         assert new[row] == reference[row, :limit].tolist()
     assert stats.decoded == sum(limits) < len(limits) * max(limits)  # ended rows were dropped

@@ -1,7 +1,7 @@
 """Adaptive batch size: run a batch; on out-of-memory halve it, retry, and remember the cap.
 
-Both GPU backends use it (``workers/lm.py`` for rows of text, ``workers/images.py`` for
-images), so a device that cannot hold ``AIGC_MAX_BATCH_ROWS`` / ``AIGC_MAX_BATCH_IMAGES``
+Both GPU backends use it (``workers/lm.py`` for rows of text, whose continuous batches call
+:meth:`AdaptiveBatch.shrink` themselves, ``workers/images.py`` for images), so a device that cannot hold ``AIGC_MAX_BATCH_ROWS`` / ``AIGC_MAX_BATCH_IMAGES``
 settles on the largest size that fit, once, and later batches start there.
 """
 
@@ -45,20 +45,22 @@ class AdaptiveBatch:
         except torch.OutOfMemoryError:
             # Only the cache is freed in here; the retry runs once the exception (and the
             # tensors its frames hold) is gone.
-            half = self._halve(stop - start)
+            half = self.shrink(stop - start)
         else:
             yield result
             return
-        self.cap = half
-        log.warning("out of memory at %d %ss; retrying as batches of at most %d",
-                    stop - start, self.unit, half)
         yield from self._run(start, start + half, forward)
         yield from self._run(start + half, stop, forward)
 
-    def _halve(self, size: int) -> int:
+    def shrink(self, size: int) -> int:
+        """``size`` ran out of memory: the cap becomes its half, returned. A single one that
+        does not fit raises :class:`TransientError`."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if size == 1:
+        if size <= 1:
             raise TransientError(f"out of memory generating a single {self.unit}",
                                  code="out_of_memory") from None
-        return (size + 1) // 2
+        self.cap = (size + 1) // 2
+        log.warning("out of memory at %d %ss; retrying as batches of at most %d",
+                    size, self.unit, self.cap)
+        return self.cap

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor, StoppingCriteriaList, StopStringCriteria,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, StopStringCriteria
 
 from aigc.schemas.settings import DEFAULT_TEXT_MODEL, PRETRAINED_TEXT_MODEL, get_settings
 from aigc.schemas.specs import GenerationParams
 
 from .batching import AdaptiveBatch
-from .decode import DecodeStats, decode
+from .decode import DecodeStats, Row, Sampling, decode
 from .errors import ModelNotFoundError
 from .precision import load_dtype, quantize_int8, quantized_bytes, resolve_precision
 from .registry import module_bytes
@@ -36,6 +33,8 @@ from .registry import module_bytes
 BUILTIN_MODELS = {DEFAULT_TEXT_MODEL: Path(__file__).parent / "models" / DEFAULT_TEXT_MODEL}
 FETCHED_MODELS = (PRETRAINED_TEXT_MODEL,)  # names `aigc models fetch` puts in AIGC_MODELS_DIR
 FLATTENED_CHAT_STOP = "\nUser:"  # a model without a chat template would write the user's turn
+FLUSH_SECONDS = 0.5  # finished rows are handed on at most this often (each hand-on is a commit)
+MORE_SECONDS = 0.25  # how often a batch with room asks ``more`` for new requests
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,9 @@ class TextOutput:
     error_message: str | None = None
     finish_reason: str | None = None  # "stop" (end of text, a stop string) or "length"
     params: GenerationParams | None = None  # what the row ran with (limit lowered to fit, stop added)
+
+
+More = Callable[[int], Sequence["TextRequest"]]  # (rows free) -> requests that arrived since
 
 
 def resolve_model(ref: str, *, allow_downloads: bool = False, models_dir: Path | None = None) -> str:
@@ -105,79 +107,6 @@ def resolve_model(ref: str, *, allow_downloads: bool = False, models_dir: Path |
             f"`hf download {ref}` (or `huggingface-cli download {ref}`), or point "
             "AIGC_TEXT_MODEL / --model at a model directory"
         ) from None
-
-
-class PerRowSampler(LogitsProcessor):
-    """Sample each row with its own ``torch.Generator``: a row's tokens depend only on its seed.
-
-    It returns scores where only the sampled token is finite, so greedy decoding picks it.
-    """
-
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p  # keep the first
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        chosen = torch.stack([torch.multinomial(probs[row], 1, generator=gen)
-                              for row, gen in enumerate(self.generators)])  # (B, 1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, chosen, 0.0)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Go on with ``rows`` only (the others ended); each keeps its own generator."""
-        self.generators = [self.generators[i] for i in rows.tolist()]
-
-
-class RowMinimums(LogitsProcessor):
-    """No end of text for a row before its own ``min_new_tokens`` (rows of a batch differ)."""
-
-    def __init__(self, minimums: Sequence[int], prompt_width: int, eos_id: int):
-        self.minimums = torch.tensor(minimums)  # (B,)
-        self.prompt_width, self.eos_id = prompt_width, eos_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        early = (input_ids.shape[1] - self.prompt_width) < self.minimums.to(scores.device)  # (B,)
-        scores[early, self.eos_id] = float("-inf")
-        return scores
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Go on with ``rows`` only (the others ended)."""
-        self.minimums = self.minimums[rows.cpu()]
-
-
-def plan_batches(lengths: Sequence[int], max_new_tokens: int | Sequence[int], max_rows: int,
-                 max_tokens: int, bucketing: bool = True) -> list[list[int]]:
-    """Split indices into batches of similar size (bucketing) within row/token limits.
-
-    ``max_new_tokens`` is one limit for all or one per row. A batch costs rows x (longest
-    prompt + largest new-token limit) padded tokens; that stays under ``max_tokens`` unless a
-    single row already exceeds it. Bucketing sorts by new-token limit, then prompt length, so
-    rows that run equally long share batches; ``bucketing=False`` keeps the submission order
-    (the benchmark's baseline).
-    """
-    news = [max_new_tokens] * len(lengths) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    longest = most_new = 0
-    order = range(len(lengths))
-    for index in sorted(order, key=lambda i: (news[i], lengths[i])) if bucketing else order:
-        longest = max(longest if batch else 0, lengths[index])
-        most_new = max(most_new if batch else 0, news[index])
-        if batch and (len(batch) >= max_rows or (len(batch) + 1) * (longest + most_new) > max_tokens):
-            batches.append(batch)
-            batch = []
-            longest, most_new = lengths[index], news[index]
-        batch.append(index)
-    if batch:
-        batches.append(batch)
-    return batches
 
 
 class CausalLM:
@@ -228,31 +157,62 @@ class CausalLM:
             update={"stop": [*request.params.stop, FLATTENED_CHAT_STOP][:8]})
 
     def generate(self, requests: Sequence[TextRequest], *, max_rows: int, max_tokens: int,
-                 bucketing: bool = True) -> Iterator[list[TextOutput]]:
-        """Yield outputs batch by batch; requests sharing sampling params share batches."""
-        rendered = [self.render(r) for r in requests]
-        encoded = self.encode([text for text, _ in rendered])
-        requests = [replace(r, params=params) for r, (_, params) in zip(requests, rendered)]
-        groups: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
-            request, failure = self._fit(request, len(encoded[i]))
-            if failure:
-                yield [failure]
-                continue
-            requests[i] = request
-            p = request.params
-            # Token limits may differ within a batch (per-row limits); sampling may not.
-            key = (p.temperature, p.top_p, p.repetition_penalty, tuple(p.stop))
-            groups.setdefault(key, []).append(i)
-        for members in groups.values():
-            lengths = [len(encoded[i]) for i in members]
-            news = [requests[i].params.max_new_tokens for i in members]
+                 bucketing: bool = True, more: More | None = None,
+                 flush_seconds: float = FLUSH_SECONDS) -> Iterator[list[TextOutput]]:
+        """Yield outputs as rows finish, gathered (at most every ``flush_seconds``, and when a
+        decode ends); requests sharing sampling params share a continuous batch.
+
+        Rows join the batch whenever it has room (``max_rows`` rows, ``max_tokens`` rows x
+        (cache length + new tokens)); ``bucketing`` admits them by new-token limit, then prompt
+        length (else in submission order). ``more(room)``, asked while there is room (at most
+        every ``MORE_SECONDS``, and before the batch would end), gives requests that arrived
+        since (other jobs' items, say): those of the running group join it at once, the
+        others run next.
+        """
+        feed = _Feed(self, max_tokens, bucketing)
+        failures = feed.add(requests)
+        if failures:
+            yield failures
+        while feed.groups:
+            group = next(iter(feed.groups))
+            try:
+                yield from self._decode_group(feed, group, max_rows, more, flush_seconds)
+            except torch.OutOfMemoryError:
+                # The rows in flight start over, in smaller batches; finished ones stay finished.
+                size = len(feed.in_flight)
+                feed.put_back(group)
+                self.batching.shrink(size)  # a single row that does not fit raises TransientError
+            if not feed.groups.get(group):
+                feed.groups.pop(group, None)
+            if feed.finished:
+                yield feed.hand_on()
+
+    def _decode_group(self, feed: "_Feed", group: tuple, max_rows: int, more: More | None,
+                      flush_seconds: float) -> Iterator[list[TextOutput]]:
+        temperature, top_p, penalty, stop = group
+        stopping = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))] if stop else [])
+        asked = float("-inf")
+        flushed = time.monotonic()
+
+        def take(running: int, width: int) -> list[Row]:
+            nonlocal asked
             rows = self.batching.limit(max_rows)
-            for batch in plan_batches(lengths, news, rows, max_tokens, bucketing):
-                chosen = [requests[members[j]] for j in batch]
-                ids = [encoded[members[j]] for j in batch]
-                yield from self.batching.run(len(batch), lambda part, rows=chosen, tokens=ids:
-                                             self._run_batch(rows[part], tokens[part]))
+            idle = running + feed.waiting == 0  # the batch would end here: ask before it does
+            if more is not None and running + feed.waiting < rows and (
+                    idle or time.monotonic() - asked >= MORE_SECONDS):
+                asked = time.monotonic()
+                feed.finished += feed.add(more(rows - running - feed.waiting))
+            return feed.take(group, running, width, rows)
+
+        for done in decode(self.model, take, sampling=Sampling(temperature, top_p, penalty),
+                           eos_id=self.eos_id, pad_id=self.pad_id, stopping=stopping, stats=self.stats):
+            now = time.monotonic()
+            for key, tokens in done:
+                request, prompt, joined = feed.in_flight.pop(key)
+                feed.finished.append(self._output(request, prompt, tokens, (now - joined) * 1000))
+            if now - flushed >= flush_seconds:
+                yield feed.hand_on()
+                flushed = now
 
     def _fit(self, request: TextRequest, prompt_tokens: int) -> tuple[TextRequest, TextOutput | None]:
         """The request within the model's context, or the error output saying what does not fit."""
@@ -276,37 +236,6 @@ class CausalLM:
             f"model's context is {self.context}, which leaves {room}; lower max_new_tokens "
             f"to at most {room} (or shorten the prompt)", params=request.params)
 
-    def _run_batch(self, requests: list[TextRequest], ids: list[list[int]]) -> list[TextOutput]:
-        """One left-padded batch (prompts end together) through :func:`aigc.workers.decode.decode`,
-        which stops computing each row as soon as it ends."""
-        params = requests[0].params
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # (B, T)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
-        for row, tokens in enumerate(ids):
-            input_ids[row, width - len(tokens):] = torch.tensor(tokens)
-            attention[row, width - len(tokens):] = 1
-        limits = [r.params.max_new_tokens for r in requests]
-        minimums = [min(r.params.min_new_tokens, r.params.max_new_tokens) for r in requests]
-        processors = LogitsProcessorList()
-        if any(minimums) and self.eos_id is not None:
-            processors.append(RowMinimums(minimums, width, self.eos_id))
-        if params.repetition_penalty != 1.0:  # on generated tokens only: the prompt is exempt
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty,
-                                                               prompt_ignore_length=width))
-        if params.temperature > 0:
-            processors.append(PerRowSampler([r.seed for r in requests], params.temperature,
-                                            params.top_p, self.device))
-        stopping = StoppingCriteriaList()
-        if params.stop:
-            stopping.append(StopStringCriteria(self.tokenizer, list(params.stop)))
-        started = time.perf_counter()
-        new = decode(self.model, input_ids.to(self.device), attention.to(self.device), limits=limits,
-                     eos_id=self.eos_id, processors=processors, stopping=stopping, stats=self.stats)
-        latency_ms = (time.perf_counter() - started) * 1000
-        return [self._output(request, ids[row], new[row], latency_ms)
-                for row, request in enumerate(requests)]
-
     def _output(self, request: TextRequest, prompt: list[int], new: list[int],
                 latency_ms: float) -> TextOutput:
         """One row's text, token count and why it ended."""
@@ -323,6 +252,70 @@ class CausalLM:
         reason = "stop" if ended or n_out < params.max_new_tokens else "length"
         return TextOutput(request.key, text, len(prompt), n_out, latency_ms,
                           finish_reason=reason, params=params)
+
+
+class _Feed:
+    """Requests waiting to decode, by sampling group (admission order within each), and the
+    rows in flight; a request that cannot fit the model's context becomes its error output."""
+
+    def __init__(self, lm: "CausalLM", max_tokens: int, bucketing: bool):
+        self.lm, self.max_tokens, self.bucketing = lm, max_tokens, bucketing
+        self.groups: dict[tuple, list[tuple[TextRequest, list[int]]]] = {}
+        self.in_flight: dict[Hashable, tuple[TextRequest, list[int], float]] = {}
+        self.finished: list[TextOutput] = []  # outputs not handed on yet
+
+    @property
+    def waiting(self) -> int:
+        return sum(map(len, self.groups.values()))
+
+    def hand_on(self) -> list[TextOutput]:
+        finished, self.finished = self.finished, []
+        return finished
+
+    def add(self, requests: Sequence[TextRequest]) -> list[TextOutput]:
+        """Queue ``requests``; the error outputs of those that cannot run."""
+        if not requests:
+            return []
+        rendered = [self.lm.render(r) for r in requests]
+        encoded = self.lm.encode([text for text, _ in rendered])
+        failures = []
+        for request, (_, params), ids in zip(requests, rendered, encoded):
+            request, failure = self.lm._fit(replace(request, params=params), len(ids))
+            if failure:
+                failures.append(failure)
+                continue
+            p = request.params
+            # Token limits and minimums may differ within a batch (per row); sampling may not.
+            self.groups.setdefault((p.temperature, p.top_p, p.repetition_penalty, tuple(p.stop)), []).append(
+                (request, ids))
+        if self.bucketing:
+            for waiting in self.groups.values():
+                waiting.sort(key=lambda pending: (pending[0].params.max_new_tokens, len(pending[1])))
+        return failures
+
+    def take(self, group: tuple, running: int, width: int, max_rows: int) -> list[Row]:
+        """The next requests of ``group`` that fit beside ``running`` rows ``width`` wide."""
+        waiting = self.groups.get(group, [])
+        most_new = max((r.params.max_new_tokens for r, _, _ in self.in_flight.values()), default=0)
+        chosen: list[Row] = []
+        now = time.monotonic()
+        while waiting and running + len(chosen) < max_rows:
+            request, ids = waiting[0]
+            rows = running + len(chosen) + 1
+            width, most_new = max(width, len(ids)), max(most_new, request.params.max_new_tokens)
+            if rows > 1 and rows * (width + most_new) > self.max_tokens:
+                break
+            waiting.pop(0)
+            p = request.params
+            chosen.append(Row(request.key, ids, p.max_new_tokens, min(p.min_new_tokens, p.max_new_tokens),
+                              request.seed))
+            self.in_flight[request.key] = (request, ids, now)
+        return chosen
+
+    def put_back(self, group: tuple) -> None:
+        """The rows in flight wait again, first in line (their decode failed)."""
+        self.groups.setdefault(group, [])[:0] = [(r, ids) for r, ids, _ in self.in_flight.values()]
+        self.in_flight.clear()
 
 
 def flatten_messages(messages: Sequence[dict[str, Any]]) -> str:

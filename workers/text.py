@@ -8,7 +8,7 @@ request per variant, each with its own seed, and one result row once all are bac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ VARIANT_TEMPERATURE = 0.8  # several variants of one item are sampled, never all
 class _Plan:
     """One item on its way: what it asked for, and its variants' outputs as they come back."""
 
+    job: JobInfo
     item: ClaimedItem
     params: GenerationParams
     seed: int
@@ -52,22 +53,36 @@ class TextBackend:
         self.memory_bytes = self.lm.memory_bytes
 
     def run(self, job: JobInfo, items: list[ClaimedItem]) -> Iterator[list[ResultRow]]:
-        """Yield the rows of the items whose variants are all back, as each batch finishes."""
-        plans, requests = [], []
-        for item in items:
-            plan = self._plan(job, item)
-            position = len(plans)
-            plans.append(plan)
-            requests += [self._request(job.kind, item.input, (position, v), plan)
-                         for v in range(plan.params.n)]
-        for batch in self.lm.generate(requests, max_rows=self.settings.max_batch_rows,
-                                      max_tokens=self.settings.max_batch_tokens):
+        """Yield the rows of the items whose variants are all back, as rows finish."""
+        return self.run_jobs([(job, items)])
+
+    def run_jobs(self, parts: Sequence[tuple[JobInfo, list[ClaimedItem]]],
+                 more: Callable[[int], Sequence[tuple[JobInfo, list[ClaimedItem]]]] | None = None
+                 ) -> Iterator[list[ResultRow]]:
+        """:meth:`run` for the items of several jobs in shared batches; ``more(rows free)``
+        gives items of other jobs that have arrived since, which join the running batch."""
+        plans: list[_Plan] = []
+
+        def requests(parts: Sequence[tuple[JobInfo, list[ClaimedItem]]]) -> list[TextRequest]:
+            made = []
+            for job, items in parts:
+                for item in items:
+                    plan = self._plan(job, item)
+                    position = len(plans)
+                    plans.append(plan)
+                    made += [self._request(job.kind, item.input, (position, v), plan)
+                             for v in range(plan.params.n)]
+            return made
+
+        joined = None if more is None else (lambda room: requests(more(room)))
+        for batch in self.lm.generate(requests(parts), max_rows=self.settings.max_batch_rows,
+                                      max_tokens=self.settings.max_batch_tokens, more=joined):
             rows = []
             for output in batch:
                 plan = plans[output.key[0]]
                 plan.outputs.append(output)
                 if plan.complete:
-                    rows.append(self._row(job, plan))
+                    rows.append(self._row(plan.job, plan))
             if rows:
                 yield rows
 
@@ -76,7 +91,7 @@ class TextBackend:
         seed = params.seed if params.seed is not None else derive_seed(job.id, item.custom_id)
         if params.n > 1 and params.temperature == 0:
             params = params.model_copy(update={"temperature": VARIANT_TEMPERATURE})
-        return _Plan(item, params, seed, fit=not chose_max_new_tokens(job.params, item.input))
+        return _Plan(job, item, params, seed, fit=not chose_max_new_tokens(job.params, item.input))
 
     def _request(self, kind: str, spec: dict[str, Any], key: tuple[int, int], plan: _Plan) -> TextRequest:
         """Variant ``key[1]`` of an item: templated items as chat messages where the model has
