@@ -99,12 +99,18 @@ class Settings(BaseSettings):
     # 64 rows: on 2 CPU cores bf16 decodes 19% faster at 64 than at 32, int8 the same
     # (benchmarks/text_vs_peer.py --sweep); GPUs gain more from large batches.
     max_batch_rows: int = Field(64, ge=1, le=4096, description="Rows in one forward pass of a "
-                                "text model.")
+                                "text model (rows leave as they end, and new ones join).")
     max_batch_images: int = Field(64, ge=1, le=4096, description="Images in one GAN forward pass "
                                   "(across items; halved, and remembered, on out-of-memory).")
     max_batch_tokens: int = Field(  # 64 rows of a 300-word article (about 70 + 444 tokens)
         32_768, ge=64, description="Padded tokens in one forward pass of a text model: rows x "
-        "(longest prompt + largest new-token limit). At least `AIGC_MAX_BATCH_ROWS`.",
+        "(cache length + largest new-token limit); rows join a running batch only within it. "
+        "At least `AIGC_MAX_BATCH_ROWS`.",
+    )
+    join_jobs: bool = Field(
+        True, description="While a chunk's text items run, waiting items of other chunks and jobs "
+        "on the same model join its batch as rows free up (continuous batching across jobs); "
+        "each job keeps its own rows, counts and `chunk_runs`. Off: a chunk runs alone.",
     )
     max_attempts: int = Field(
         5, ge=1, le=100, description="Claims of one item before it is recorded as the error "

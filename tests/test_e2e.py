@@ -142,3 +142,27 @@ def test_csv_and_openai_batch_files_round_trip(stack, tmp_path):
     assert out[1]["response"]["body"]["usage"]["completion_tokens"] <= 6
     stored = {r["custom_id"]: r for r in api.results(job_id, settings=settings)}
     assert stored["done-2"]["seed"] == 5 and stored["chat-1"]["params"]["stop"] == ["\nUser:"]
+
+
+def test_jobs_submitted_while_one_runs_join_its_batch_and_keep_their_own_rows(stack):
+    settings, worker = stack
+    long = api.submit("article", [{"prompt": f"Once {i}"} for i in range(2)], settings=settings,
+                      params={"max_new_tokens": 240, "min_new_tokens": 240})  # 2 rows of 8: room
+    articles = api.submit("article", [{"topic": f"bees {i}"} for i in range(3)], settings=settings,
+                          params={"max_new_tokens": 10})
+    ads = api.submit("ad_copy", [{"product": f"boots {i}", "n_variants": 1} for i in range(2)],
+                     settings=settings, params={"max_new_tokens": 10})
+
+    for job_id, total in ((long, 2), (articles, 3), (ads, 2)):
+        job = api.wait(job_id, timeout=120, settings=settings)
+        assert (job.status, job.done) == ("completed", total)
+        rows = list(api.results(job_id, settings=settings))
+        assert len(rows) == total and all(r["output_text"] and r["worker"] == worker.hostname for r in rows)
+    runs = {job_id: plain_rows(settings.database_url, "SELECT * FROM chunk_runs WHERE job_id = :j", j=job_id)
+            for job_id in (long, articles, ads)}
+    assert [len(r) for r in runs.values()] == [1, 1, 1]  # the later jobs' own messages found nothing left
+    (first,) = runs[long]
+    for job_id in (articles, ads):  # each ran inside the long job's run, with its own counts
+        (run,) = runs[job_id]
+        assert first["started_at"] <= run["started_at"] < first["finished_at"]
+        assert run["done"] == run["claimed"] == len(list(api.results(job_id, settings=settings)))

@@ -50,7 +50,8 @@ def test_a_real_worker_logs_json_lines_without_secrets(redis_url, postgres_url, 
     broker = redis_url.replace("redis://", f"redis://default:{BROKER_PASSWORD}@", 1)
     database = make_url(postgres_url).set(password=DATABASE_PASSWORD).render_as_string(hide_password=False)
     settings = Settings(broker_url=broker, database_url=database, text_model=str(tiny_model), chunk_size=8,
-                        max_batch_rows=4, log_format="json", flower_password=FLOWER_PASSWORD)
+                        max_batch_rows=4, log_format="json", flower_password=FLOWER_PASSWORD,
+                        join_jobs=False)  # a line per chunk, each run on its own
     upgrade(database)
     worker = WorkerProcess(settings, tmp_path / "stderr.log", stdout_path=tmp_path / "stdout.log")
     try:

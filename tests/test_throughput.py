@@ -32,7 +32,8 @@ def test_chunk_runs_and_the_throughput_views_after_a_real_job(stack):
     runs = plain_rows(url, "SELECT * FROM chunk_runs WHERE job_id = :j", j=job_id)
     tokens = plain_rows(url, "SELECT SUM(output_tokens) AS n, SUM(prompt_tokens) AS p "
                              "FROM results WHERE job_id = :j", j=job_id)[0]
-    assert sorted(r["items"] for r in runs) == [8, 16, 16]
+    # 3 chunks of at most 16; later chunks' items may join an earlier chunk's run (and count in it)
+    assert 1 <= len(runs) <= 3 and sum(r["items"] for r in runs) == 40
     assert sum(r["claimed"] for r in runs) == sum(r["done"] for r in runs) == 40
     assert sum(r["output_tokens"] for r in runs) == tokens["n"] > 0
     assert sum(r["prompt_tokens"] for r in runs) == tokens["p"] > 0
@@ -54,7 +55,7 @@ def test_chunk_runs_and_the_throughput_views_after_a_real_job(stack):
     for name in [*views[0], *views[1]]:
         assert f"`{name}`" in section, f"view column {name} is undocumented"
     mine = [r for r in by_job_and_worker if r["job_id"] == job_id]
-    assert [(r["worker"], r["chunks"], r["items"]) for r in mine] == [(worker.hostname, 3, 40)]
+    assert [(r["worker"], r["chunks"], r["items"]) for r in mine] == [(worker.hostname, len(runs), 40)]
 
 
 def _undispatched_job(settings, n: int) -> str:

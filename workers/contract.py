@@ -27,6 +27,11 @@ an exception. Raise :class:`aigc.workers.errors.TransientError` when the world f
 memory, storage away): the items without a row yet are retried later. Raise
 :class:`aigc.workers.errors.PermanentError` when they can never succeed: they are recorded with its
 code. An item that gets no row at all stays leased until its lease expires and is run again.
+
+A backend may also define ``run_jobs(parts, more=None)`` (the text backend does): the items of
+several jobs (``parts``, a list of ``(job, items)``) in shared batches, and ``more(rows free)``,
+which returns more ``(job, items)`` that arrived since. The runner then lets waiting items of
+other chunks and jobs on the same model join a running chunk (``AIGC_JOIN_JOBS``).
 """
 
 from __future__ import annotations

@@ -88,6 +88,11 @@ def backend_for(kind: Kind | str) -> type[Generator]:
         raise UnknownKindError(f"no generator backend is registered for kind {kind!r}") from None
 
 
+def kinds_of(backend: type[Generator]) -> list[Kind]:
+    """The kinds ``backend`` is registered for (jobs of these may share its batches)."""
+    return [kind for kind, cls in _backends.items() if cls is backend]
+
+
 def get_generator(kind: Kind | str, model: str, settings: Settings) -> Generator:
     """The warm generator for ``kind`` and ``model``, loading it on first use."""
     key = (backend_for(kind), model)

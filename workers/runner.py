@@ -6,7 +6,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from aigc.schemas.db import get_engine
@@ -16,20 +18,41 @@ from aigc.schemas.settings import Settings
 from . import store
 from .contract import ClaimedItem, JobInfo, ResultRow, as_result_rows, result_row
 from .errors import PermanentError, TransientError
-from .registry import get_generator
+from .registry import backend_for, get_generator, kinds_of
 from .retry import RetryPolicy
 
 log = logging.getLogger("aigc.worker")
 
 
+@dataclass
+class _Part:
+    """One job's items in a run: the chunk's own (the first part), or another job's that
+    joined its batches. ``items`` shrinks to the unfinished as rows come back."""
+
+    job: JobInfo
+    items: list[ClaimedItem]
+    run_id: int
+    priority: int = 0  # the job's, for sending back what a joined part leaves unfinished
+    claimed: int = 0  # items it joined with
+
+
+Requeue = Callable[[JobInfo, int, list[int]], None]  # (job, priority, item ids): send them again
+
+
 def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settings,
-              policy: RetryPolicy, last_attempt: bool = True) -> dict[str, Any]:
+              policy: RetryPolicy, last_attempt: bool = True,
+              requeue: Requeue | None = None) -> dict[str, Any]:
     """Run the chunk's claimable items; a failed item or batch is recorded, never raised.
 
     A :class:`TransientError` (out of memory, say) hands the unfinished items back (pending)
     and is raised for the task to retry, unless this is the ``last_attempt``: then they are
     recorded as errors so the job can finish. Every SQL call rides out a database outage as
     ``policy`` says; its attempt cap and careful re-runs decide which items run and how.
+
+    With ``AIGC_JOIN_JOBS`` and a backend that can (``run_jobs``), waiting items of other jobs
+    on the same model join the chunk's batches while its own items run (each job keeps its own
+    rows, counts and ``chunk_runs`` row); what of them is left unfinished is handed back and
+    sent again with ``requeue``.
     """
     started = time.monotonic()
     engine = get_engine(settings.database_url)
@@ -47,8 +70,9 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     policy.ride_out(store.mark_running, engine=engine, job_id=job_id)
     run_id = policy.ride_out(store.start_chunk_run, engine=engine, run={
         "job_id": job_id, "worker": worker, "items": len(item_ids), "claimed": len(claimed)})
-    writer = _Writer(engine, policy, job_id, worker, owner, run_id, started)
+    writer = _Writer(engine, policy, worker, owner, {job_id: run_id}, started)
     heartbeat = _Heartbeat(engine, [item.id for item in claimed], owner, settings.lease_seconds)
+    parts = [_Part(job, items, run_id)]
     try:
         poison = [item for item in items if policy.over_cap(item)]
         if poison:
@@ -57,77 +81,179 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
             writer.submit(_error_rows(job, poison, "too_many_attempts",
                                       f"claimed more than {policy.max_attempts} times without "
                                       "a result: its worker died or timed out each time"))
-            items = [item for item in items if not policy.over_cap(item)]
-        if policy.runs_singly(items):
-            items = _generate_carefully(job, items, writer, engine, settings, policy, last_attempt)
-        elif items:
-            items = _generate(job, items, writer, engine, settings, policy, last_attempt)
+            parts[0].items = [item for item in items if not policy.over_cap(item)]
+        if policy.runs_singly(parts[0].items):
+            _generate_carefully(parts[0], writer, engine, settings, policy, last_attempt)
+        elif parts[0].items:
+            joiner = _Joiner(parts, writer, heartbeat, engine, settings, policy, worker, owner) \
+                if settings.join_jobs else None
+            _generate(parts, writer, engine, settings, policy, last_attempt, joiner, requeue)
     finally:
         try:
-            done, failed = writer.close()
+            writer.close()
         finally:
             heartbeat.stop()
         duration_ms = (time.monotonic() - started) * 1000
-        _end_run(engine, policy, run_id, job_id, duration_ms)
+        for run_id, job_of in {part.run_id: part.job.id for part in parts}.items():
+            _end_run(engine, policy, run_id, job_of, duration_ms)
+    for part in parts[1:]:
+        if part.items:  # the chunk's own job was cancelled under it: these go back
+            _hand_back(part, engine, policy, owner, requeue)
+    items = parts[0].items
     if items and policy.ride_out(store.job_status, engine=engine, job_id=job_id) == JobStatus.cancelling:
         policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in items],
                         owner=owner, to=ItemStatus.cancelled)
-    final = policy.ride_out(store.finish_if_complete, engine=engine, job_id=job_id)
-    if policy.ride_out(store.finish_cancel, engine=engine, job_id=job_id):
-        final = JobStatus.cancelled
-    log.info("job %s: chunk of %d items: %d done, %d failed in %.0f ms on %s%s", job_id,
-             len(item_ids), done, failed, duration_ms, writer.device, f"; job {final}" if final else "",
-             extra={"job_id": job_id, "items": len(item_ids), "done": done, "failed": failed,
-                    "worker": worker, "device": writer.device, "duration_ms": round(duration_ms, 1),
-                    "job_status": final})
-    return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed}
+    joined: dict[str, int] = {}
+    for part in parts[1:]:
+        joined[part.job.id] = joined.get(part.job.id, 0) + part.claimed
+    for other in [job_id, *(j for j in joined if j != job_id)]:
+        final = policy.ride_out(store.finish_if_complete, engine=engine, job_id=other)
+        if policy.ride_out(store.finish_cancel, engine=engine, job_id=other):
+            final = JobStatus.cancelled
+        done, failed = writer.counts.get(other, (0, 0))
+        what = (f"chunk of {len(item_ids)} items" + (f" and {joined[job_id]} joined" if job_id in joined else "")
+                if other == job_id else f"{joined[other]} items joined to job {job_id}'s batches")
+        log.info("job %s: %s: %d done, %d failed in %.0f ms on %s%s", other, what, done, failed,
+                 duration_ms, writer.device, f"; job {final}" if final else "",
+                 extra={"job_id": other, "items": len(item_ids) if other == job_id else joined[other],
+                        "done": done, "failed": failed, "worker": worker, "device": writer.device,
+                        "duration_ms": round(duration_ms, 1), "job_status": final})
+    done, failed = writer.counts.get(job_id, (0, 0))
+    return {"job_id": job_id, "claimed": len(item_ids), "done": done, "failed": failed} | (
+        {"joined": joined} if joined else {})
 
 
-def _generate(job: JobInfo, items: list[ClaimedItem], writer: "_Writer", engine: Any,
-              settings: Settings, policy: RetryPolicy, last_attempt: bool) -> list[ClaimedItem]:
-    """Generate batch by batch, handing rows to the writer; the items left unfinished."""
+class _Joiner:
+    """Claims waiting items of other jobs on the chunk's model for its batches (``more``).
+
+    Only items never claimed before (other chunks of the same job included), of active jobs of
+    the kinds the same backend serves, higher priority and older jobs first; only while the
+    chunk's own items are running, so a run ends soon after its chunk does. Each other job
+    gets its own ``chunk_runs`` row, and the joined items a heartbeat.
+    """
+
+    def __init__(self, parts: list[_Part], writer: "_Writer", heartbeat: "_Heartbeat", engine: Any,
+                 settings: Settings, policy: RetryPolicy, worker: str, owner: str):
+        self.parts, self.writer, self.heartbeat = parts, writer, heartbeat
+        self.engine, self.settings, self.policy = engine, settings, policy
+        self.worker, self.owner = worker, owner
+
+    def __call__(self, room: int) -> list[tuple[JobInfo, list[ClaimedItem]]]:
+        primary = self.parts[0]
+        if room <= 0 or not primary.items:
+            return []
+        kinds = kinds_of(backend_for(primary.job.kind))
+        waiting = self.policy.ride_out(store.waiting_items, engine=self.engine, model=primary.job.model,
+                                       kinds=kinds, limit=room)
+        joined = []
+        for job_id, priority, item_ids in waiting:
+            job = self.policy.ride_out(store.load_job, engine=self.engine, job_id=job_id)
+            items = job and self.policy.ride_out(
+                store.claim, engine=self.engine, job_id=job_id, item_ids=item_ids, owner=self.owner,
+                lease_seconds=self.settings.lease_seconds, fresh_only=True)
+            if not items:
+                continue  # another worker was quicker, or the job was cancelled meanwhile
+            self.policy.ride_out(store.mark_running, engine=self.engine, job_id=job_id)
+            part = next((p for p in self.parts[1:] if p.job.id == job_id), None)
+            if part is None:  # the chunk's own job's later items count in the chunk's run
+                run_id = primary.run_id if job_id == primary.job.id else self.policy.ride_out(
+                    store.start_chunk_run, engine=self.engine,
+                    run={"job_id": job_id, "worker": self.worker, "items": 0, "claimed": 0})
+                part = _Part(job, [], run_id, priority)
+                self.parts.append(part)
+                self.writer.runs[job_id] = run_id
+            part.items += items
+            part.claimed += len(items)
+            self.policy.ride_out(store.count_joined, engine=self.engine, run_id=part.run_id, items=len(items))
+            self.heartbeat.add([item.id for item in items])
+            joined.append((job, items))
+        return joined
+
+
+def _generate(parts: list[_Part], writer: "_Writer", engine: Any, settings: Settings,
+              policy: RetryPolicy, last_attempt: bool, joiner: _Joiner | None = None,
+              requeue: Requeue | None = None) -> None:
+    """Generate batch by batch, handing rows to the writer; each part keeps its unfinished items."""
+    primary = parts[0]
+    job = primary.job
     try:
-        batches = get_generator(job.kind, job.model, settings).run(job, items)
+        backend = get_generator(job.kind, job.model, settings)
+        if joiner is not None and hasattr(backend, "run_jobs"):
+            batches = backend.run_jobs([(job, primary.items)], more=joiner)
+        else:
+            batches = backend.run(job, primary.items)
         for yielded in batches:
             rows = as_result_rows(yielded)
             writer.submit(rows)  # written while the next batch generates
             finished = {row.item_id for row in rows}
-            items = [item for item in items if item.id not in finished]
-            if items and policy.ride_out(store.job_status, engine=engine, job_id=job.id) != JobStatus.running:
+            for part in parts:
+                part.items = [item for item in part.items if item.id not in finished]
+            if primary.items and policy.ride_out(store.job_status, engine=engine, job_id=job.id) != JobStatus.running:
                 getattr(batches, "close", lambda: None)()  # cancelled: what has not started never will
                 break
-        return items
+        return
     except TransientError as exc:
         writer.flush()
+        for part in parts[1:]:  # not their chunk's failure: they go back to their own jobs
+            _hand_back(part, engine, policy, writer.owner, requeue)
         if not last_attempt:
-            policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in items],
+            policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in primary.items],
                             owner=writer.owner)
             raise
         log.error("job %s: %s (no attempts left)", job.id, exc)
-        writer.submit(_error_rows(job, items, exc.code, f"{exc} (after retries)"))
+        writer.submit(_error_rows(job, primary.items, exc.code, f"{exc} (after retries)"))
     except PermanentError as exc:
         log.error("job %s: %s", job.id, exc)
-        writer.submit(_error_rows(job, items, exc.code, str(exc)))
-    return []
+        for part in parts:
+            writer.submit(_error_rows(part.job, part.items, exc.code, str(exc)))
+    for part in parts:
+        part.items = []
 
 
-def _generate_carefully(job: JobInfo, items: list[ClaimedItem], writer: "_Writer", engine: Any,
-                        settings: Settings, policy: RetryPolicy, last_attempt: bool) -> list[ClaimedItem]:
+def _hand_back(part: _Part, engine: Any, policy: RetryPolicy, owner: str, requeue: Requeue | None) -> None:
+    """A joined job's unfinished items: back to ``pending``, their claim not counted as an
+    attempt, and sent again (its own chunk's message may be gone); ``cancelled`` if it is."""
+    ids = [item.id for item in part.items]
+    part.items = []
+    if policy.ride_out(store.job_status, engine=engine, job_id=part.job.id) == JobStatus.cancelling:
+        policy.ride_out(store.release, engine=engine, item_ids=ids, owner=owner, to=ItemStatus.cancelled)
+        return
+    policy.ride_out(store.add_attempts, engine=engine, item_ids=ids, delta=-1)
+    released = policy.ride_out(store.release, engine=engine, item_ids=ids, owner=owner)
+    if not released:
+        return
+    if requeue is None:
+        log.warning("job %s: %d joined item(s) handed back; `aigc sweep` sends them again",
+                    part.job.id, released)
+        return
+    try:
+        requeue(part.job, part.priority, ids)
+    except Exception as exc:  # the broker is away: they are pending in SQL, the sweeper resends
+        log.warning("job %s: %d joined item(s) handed back but not sent again (%s); `aigc sweep` "
+                    "sends them", part.job.id, released, exc)
+
+
+def _generate_carefully(part: _Part, writer: "_Writer", engine: Any, settings: Settings,
+                        policy: RetryPolicy, last_attempt: bool) -> None:
     """A chunk whose earlier run died: one item at a time, each written before the next.
 
     One of these items may be what kills the worker. Run singly, only the item actually
     running when the worker dies is charged an attempt (the others' charge from the claim is
     taken back until their turn), so the redelivery cap catches the poison item and no other.
     """
+    job, items = part.job, part.items
     log.warning("job %s: %d item(s) of an interrupted chunk rerun one at a time", job.id, len(items))
     policy.ride_out(store.add_attempts, engine=engine, item_ids=[item.id for item in items[1:]], delta=-1)
     for position, item in enumerate(items):
         if position:
             writer.flush()  # the previous item is committed before this one may crash us
             policy.ride_out(store.add_attempts, engine=engine, item_ids=[item.id], delta=1)
-        if _generate(job, [item], writer, engine, settings, policy, last_attempt):
-            return items[position:]  # cancelled, or handed back for a retry
-    return []
+        alone = _Part(job, [item], part.run_id)
+        _generate([alone], writer, engine, settings, policy, last_attempt)
+        if alone.items:  # cancelled, or handed back for a retry
+            part.items = items[position:]
+            return
+    part.items = []
 
 
 def _error_rows(job: JobInfo, items: list[ClaimedItem], code: str, message: str) -> list[ResultRow]:
@@ -139,23 +265,26 @@ class _Writer:
     """Writes result batches on one background thread, in order, one batch in flight.
 
     The forward pass releases the GIL, so a batch's rows are committed while the next batch
-    is generated. An error in writing surfaces at the next ``submit``/``flush``/``close``.
+    is generated. Rows of several jobs (joined batches) are committed per job, each with its
+    ``chunk_runs`` row (``runs``). An error in writing surfaces at the next ``submit``/``flush``/``close``.
     """
 
-    def __init__(self, engine: Any, policy: RetryPolicy, job_id: str, worker: str, owner: str,
-                 run_id: int, started: float):
-        self.engine, self.policy, self.job_id = engine, policy, job_id
+    def __init__(self, engine: Any, policy: RetryPolicy, worker: str, owner: str,
+                 runs: dict[str, int], started: float):
+        self.engine, self.policy = engine, policy
         self.worker, self.owner = worker, owner
-        self.run_id, self.started = run_id, started
+        self.runs, self.started = runs, started  # job id -> its chunk_runs row
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aigc-writer")
         self.pending: Future | None = None
-        self.done = self.failed = 0
+        self.counts: dict[str, tuple[int, int]] = {}  # job id -> (done, failed) as counted
         self.device: str | None = None
 
     def flush(self) -> None:
         if self.pending is not None:
-            d, f = self.pending.result()
-            self.done, self.failed, self.pending = self.done + d, self.failed + f, None
+            pending, self.pending = self.pending, None
+            for job_id, (d, f) in pending.result().items():
+                done, failed = self.counts.get(job_id, (0, 0))
+                self.counts[job_id] = (done + d, failed + f)
 
     def submit(self, rows: list[ResultRow]) -> None:
         self.device = self.device or next((row.device for row in rows if row.device), None)
@@ -163,18 +292,22 @@ class _Writer:
         self.pending = self.pool.submit(self._record, [
             row if row.worker else row.model_copy(update={"worker": self.worker}) for row in rows])
 
-    def _record(self, rows: list[ResultRow]) -> tuple[int, int]:
-        run = {"id": self.run_id, "duration_ms": (time.monotonic() - self.started) * 1000}
-        return self.policy.ride_out(store.write_results, engine=self.engine, job_id=self.job_id,
-                                    rows=rows, owner=self.owner, run=run)
+    def _record(self, rows: list[ResultRow]) -> dict[str, tuple[int, int]]:
+        by_job: dict[str, list[ResultRow]] = {}
+        for row in rows:
+            by_job.setdefault(row.job_id, []).append(row)
+        counted = {}
+        for job_id, mine in by_job.items():
+            run = {"id": self.runs[job_id], "duration_ms": (time.monotonic() - self.started) * 1000}
+            counted[job_id] = self.policy.ride_out(store.write_results, engine=self.engine, job_id=job_id,
+                                                   rows=mine, owner=self.owner, run=run)
+        return counted
 
-    def close(self) -> tuple[int, int]:
+    def close(self) -> None:
         try:
             self.flush()
         finally:
             self.pool.shutdown(wait=True)
-        return self.done, self.failed
-
 
 
 class _Heartbeat:
@@ -187,13 +320,21 @@ class _Heartbeat:
 
     def __init__(self, engine: Any, item_ids: list[int], owner: str, lease_seconds: float):
         self.stopped = threading.Event()
+        self.item_ids, self.lock = list(item_ids), threading.Lock()
         self.thread = threading.Thread(target=self._beat, name="aigc-heartbeat", daemon=True,
-                                       args=(engine, item_ids, owner, lease_seconds))
+                                       args=(engine, owner, lease_seconds))
         self.thread.start()
 
-    def _beat(self, engine: Any, item_ids: list[int], owner: str, lease_seconds: float) -> None:
+    def add(self, item_ids: list[int]) -> None:
+        """Renew these too from now on (items that joined the run)."""
+        with self.lock:
+            self.item_ids += item_ids
+
+    def _beat(self, engine: Any, owner: str, lease_seconds: float) -> None:
         every = max(lease_seconds / 4, 0.1)
         while not self.stopped.wait(every):
+            with self.lock:
+                item_ids = list(self.item_ids)
             try:
                 store.renew_leases(engine=engine, item_ids=item_ids, owner=owner,
                                    lease_seconds=lease_seconds)

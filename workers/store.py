@@ -31,14 +31,17 @@ def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
 
 
 def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
-          lease_seconds: int) -> list[ClaimedItem]:
+          lease_seconds: int, fresh_only: bool = False) -> list[ClaimedItem]:
     """Lease those of ``item_ids`` that are pending, whose lease expired, or that ``owner``
     itself holds from an earlier run that did not finish (a worker runs one chunk at a time,
-    so that run is over); return them."""
+    so that run is over); return them. ``fresh_only``: only pending items never claimed
+    before (what a run may join to its batches)."""
     now = utcnow()
     claimable = or_(Item.status == ItemStatus.pending,
                     and_(Item.status == ItemStatus.leased,
                          or_(Item.lease_expires_at < now, Item.lease_owner == owner)))
+    if fresh_only:
+        claimable = and_(Item.status == ItemStatus.pending, Item.attempts == 0)
     job_active = exists().where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES))
     statement = (
         update(Item)
@@ -50,6 +53,27 @@ def claim(*, engine: Engine, job_id: str, item_ids: list[int], owner: str,
     with engine.begin() as connection:
         rows = connection.execute(statement).all()
     return sorted((ClaimedItem(*row) for row in rows), key=lambda item: item.index)
+
+
+def waiting_items(*, engine: Engine, model: str, kinds: list[str], limit: int
+                  ) -> list[tuple[str, int, list[int]]]:
+    """Up to ``limit`` items no worker has claimed yet of active jobs of ``kinds`` on ``model``:
+    ``(job id, job priority, item ids)`` per job, higher priority and older jobs first, each
+    job's items in submission order."""
+    statement = (
+        select(Item.job_id, Job.priority, Item.id)
+        .join(Job, Job.id == Item.job_id)
+        .where(Job.status.in_(ACTIVE_JOB_STATUSES), Job.model == model, Job.kind.in_(kinds),
+               Item.status == ItemStatus.pending, Item.attempts == 0)
+        .order_by(Job.priority.desc(), Job.created_at, Job.id, Item.index)
+        .limit(limit)
+    )
+    with engine.connect() as connection:
+        rows = connection.execute(statement).all()
+    by_job: dict[str, tuple[str, int, list[int]]] = {}
+    for job_id, priority, item_id in rows:
+        by_job.setdefault(job_id, (job_id, priority, []))[2].append(item_id)
+    return list(by_job.values())
 
 
 def mark_running(*, engine: Engine, job_id: str) -> None:
@@ -190,6 +214,13 @@ def start_chunk_run(*, engine: Engine, run: dict[str, Any]) -> int:
            "started_at": now, "finished_at": now, "duration_ms": 0.0, **run}
     with engine.begin() as connection:
         return connection.execute(insert(ChunkRun).values(**row).returning(ChunkRun.id)).scalar_one()
+
+
+def count_joined(*, engine: Engine, run_id: int, items: int) -> None:
+    """Items that joined a run: its ``chunk_runs`` row counts them as sent and claimed."""
+    with engine.begin() as connection:
+        connection.execute(update(ChunkRun).where(ChunkRun.id == run_id)
+                           .values(items=ChunkRun.items + items, claimed=ChunkRun.claimed + items))
 
 
 def end_chunk_run(*, engine: Engine, run_id: int, duration_ms: float) -> None:

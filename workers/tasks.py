@@ -6,11 +6,12 @@ from typing import Any
 
 from celery import Task
 
-from aigc.schemas.dispatch import LEGACY_TASK, task_name
+from aigc.schemas.dispatch import LEGACY_TASK, broker_priority, queue_name, task_name
 from aigc.schemas.enums import Kind
 from aigc.schemas.settings import get_settings
 
 from .app import app
+from .contract import JobInfo
 from .retry import RetryPolicy
 from .runner import run_chunk
 
@@ -27,7 +28,15 @@ def generate_chunk(self: Task, job_id: str, item_ids: list[int], items: int | No
     :class:`TransientError` from the runner is retried by Celery (``POLICY.task_options()``).
     """
     return run_chunk(job_id, item_ids, worker=self.request.hostname, settings=get_settings(),
-                     policy=POLICY, last_attempt=POLICY.is_last_try(self.request.retries))
+                     policy=POLICY, last_attempt=POLICY.is_last_try(self.request.retries),
+                     requeue=requeue)
+
+
+def requeue(job: JobInfo, priority: int, item_ids: list[int]) -> None:
+    """Send items of ``job`` as a chunk of their own, as the producer does (items that joined
+    another chunk's batches and were handed back unfinished)."""
+    app.send_task(task_name(job.kind), args=[job.id, item_ids], kwargs={"items": len(item_ids)},
+                  queue=queue_name(job.kind), priority=broker_priority(priority), retry=True)
 
 
 # One task per kind (aigc.article, ...), all the same function; and the old name for messages
