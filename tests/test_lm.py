@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aigc.schemas.specs import GenerationParams
+from aigc.workers.decode import DecodeStats
 from aigc.workers.errors import ModelNotFoundError
 from aigc.workers.lm import CausalLM, TextRequest, resolve_model
 
@@ -141,6 +142,30 @@ def test_requests_that_arrive_later_join_the_running_batch(tiny_model, monkeypat
     # The first late one joins the first prefill; each later one joins the running batch.
     assert lm.stats.prefills - first == len(requests) - 2 and not late
     assert [rows for rows, _ in sizes[:4]] == [3, 3, 1, 4]  # prefill, step, join, step of four
+
+
+@pytest.mark.parametrize("params", [GenerationParams(max_new_tokens=12),
+                                    GenerationParams(max_new_tokens=12, temperature=1.0, repetition_penalty=1.3)],
+                         ids=["greedy", "sampled"])
+def test_prompts_that_start_alike_share_one_prefill_of_the_start_and_write_what_they_write_alone(
+        tiny_model, params):
+    lm = CausalLM(str(tiny_model), device="cpu")
+    start = "You are a careful writer who checks every fact twice. Write a short, plain article for a general audience about"
+    endings = ["bees", "the history of tides and the moon", "A", "how a clerk in Bern wrote four papers"]
+    requests = [TextRequest(i, f"{start} {e}", params, seed=i) for i, e in enumerate(endings)]
+    alone = {r.key: run(lm, [r], max_rows=1)[r.key] for r in requests}
+    shared = len(lm.encode([start])[0])
+    before = DecodeStats()
+    before.add(lm.stats)
+
+    together = run(lm, requests, max_rows=8)
+
+    assert {k: (o.text, o.output_tokens) for k, o in together.items()} == \
+        {k: (o.text, o.output_tokens) for k, o in alone.items()}
+    assert lm.stats.prefills - before.prefills == 1
+    computed = lm.stats.prompt_padded - before.prompt_padded
+    widest = max(len(lm.encode([r.prompt])[0]) for r in requests)
+    assert computed <= len(requests) * widest - (len(requests) - 1) * (shared - 1)  # the start ran once
 
 
 def test_the_batch_keeps_within_the_token_budget_and_drops_padding_every_row_has(tiny_model, monkeypatch):

@@ -6,8 +6,8 @@ the longest row ends, and starts the next batch only then. :func:`decode` runs t
 
 - removes a row from the batch, the cache and the per-row state as soon as it ends (end of
   text, a stop string or its own token limit), so every step computes only rows still writing;
-- asks for new rows whenever there is room (``take``), prefills them on their own and merges
-  them into the running batch: their cache is left-padded to the batch's length (or the batch's
+- asks for new rows whenever there is room (``take``), prefills them on their own (in passes
+  of similar length) and merges them into the running batch: their cache is left-padded to the batch's length (or the batch's
   to theirs), so a row that joins late computes exactly what it would have computed alone.
 
 A row's tokens are the same as ``generate`` would give it: positions come from the attention
@@ -29,6 +29,8 @@ from transformers.cache_utils import DynamicLayer
 
 ROOM = 128  # cache positions a layer adds when full (and at least half its length)
 TRIM = 64  # padding columns every row has before the cache drops them
+PREFILL_TOKENS = 1024  # padded prompt tokens in one prefill pass
+MIN_SHARED = 16  # prompt tokens rows prefilled together must share before the prefix runs once
 
 
 @dataclass
@@ -236,7 +238,7 @@ class _Batch:
 
     def trim(self) -> None:
         """Drop the leading columns that are padding in every row, once there are enough."""
-        padding = int((self.attention.shape[1] - self.attention.sum(-1)).min())
+        padding = int(self.attention.argmax(dim=1).min())  # each row's first real position
         if padding >= TRIM and mergeable(self.cache):
             for layer in self.cache.layers:
                 layer.drop_front(padding)
@@ -271,10 +273,10 @@ def decode(model: torch.nn.Module, take: Take, *, sampling: Sampling, eos_id: in
         joining = list(take(len(batch.keys) if batch else 0, batch.attention.shape[1] if batch else 0))
         if joining and batch is not None and not mergeable(batch.cache):
             raise ValueError("rows cannot join a batch whose cache has special layers")
-        if joining:
-            joined, joined_logits = _prefill(model, joining, pad_id, device, run)
-            scorer.add(joining)
-            for row in joining:
+        for part in _prefill_parts(joining):
+            joined, joined_logits = _prefill(model, part, pad_id, device, run)
+            scorer.add(part)
+            for row in part:
                 new[row.key] = []
             if batch is None:
                 batch, logits = joined, joined_logits
@@ -316,22 +318,63 @@ def decode(model: torch.nn.Module, take: Take, *, sampling: Sampling, eos_id: in
         logits = out.logits[:, -1]
 
 
+def _prefill_parts(rows: Sequence[Row]) -> list[list[Row]]:
+    """``rows`` by prompt length, cut into passes of at most ``PREFILL_TOKENS`` padded tokens
+    (at least one row each): one pass over 56 prompts of 61 to 151 tokens took 17 to 24 s on 2
+    CPU cores, the same prompts in length-sorted passes of 8 rows 10 s."""
+    parts: list[list[Row]] = []
+    for row in sorted(rows, key=lambda r: len(r.prompt)):
+        if parts and (len(parts[-1]) + 1) * len(row.prompt) <= PREFILL_TOKENS:
+            parts[-1].append(row)
+        else:
+            parts.append([row])
+    return parts
+
+
 def _prefill(model: torch.nn.Module, rows: Sequence[Row], pad_id: int, device: torch.device,
              run: DecodeStats) -> tuple[_Batch, torch.Tensor]:
-    """``rows`` through the model on their own, left-padded: their batch and next-token logits."""
-    width = max(len(r.prompt) for r in rows)
+    """``rows`` through the model on their own: their batch and next-token logits.
+
+    Prompts that start alike (a chat template's system prompt, an ad's worked example) share
+    it: the common prefix runs once, its cache is copied to every row, and each row's own rest
+    follows, left-padded after the prefix. Positions come from the mask, so a row's numbers are
+    those of its whole prompt run at once.
+    """
+    shared = _common_prefix([r.prompt for r in rows]) if len(rows) > 1 else 0
+    shared = shared if shared >= MIN_SHARED else 0
+    rests = [r.prompt[shared:] for r in rows]
+    width = max(map(len, rests))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (n, T)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)  # (n, T)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-        attention[i, width - len(row.prompt):] = 1
+    attention = torch.zeros((len(rows), shared + width), dtype=torch.long)  # (n, P + T)
+    attention[:, :shared] = 1
+    for i, rest in enumerate(rests):
+        input_ids[i, width - len(rest):] = torch.tensor(rest)
+        attention[i, shared + width - len(rest):] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (n, T): left padding starts at 0
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (n, P + T): padding takes its neighbour's
     cache = new_cache(model.config)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+    if shared:
+        prefix = torch.tensor([rows[0].prompt[:shared]], device=device)  # (1, P)
+        model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=positions[:1, :shared],
+              cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_select_indices(torch.zeros(len(rows), dtype=torch.long, device=device))  # a copy per row
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions[:, shared:],
                 cache=cache, use_cache=True, logits_to_keep=1)
     run.prompt_tokens += int(attention.sum())
-    run.prompt_padded += len(rows) * width
+    run.prompt_padded += shared + len(rows) * width
     run.prefills += 1
+    sequences = torch.cat([torch.tensor([rows[0].prompt[:shared]] * len(rows), dtype=torch.long,
+                                        device=device).reshape(len(rows), shared), input_ids], dim=1)
     remaining = torch.tensor([r.limit for r in rows], device=device)
-    return _Batch(cache, attention, input_ids, positions[:, -1:], remaining, [r.key for r in rows]), out.logits[:, -1]
+    return _Batch(cache, attention, sequences, positions[:, -1:], remaining, [r.key for r in rows]), out.logits[:, -1]
+
+
+def _common_prefix(prompts: Sequence[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one of its own."""
+    limit = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for position in range(limit):
+        token = first[position]
+        if any(p[position] != token for p in prompts):
+            return position
+    return max(limit, 0)
