@@ -96,20 +96,19 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         duration_ms = (time.monotonic() - started) * 1000
         for run_id, job_of in {part.run_id: part.job.id for part in parts}.items():
             _end_run(engine, policy, run_id, job_of, duration_ms)
-    for part in parts[1:]:
-        if part.items:  # the chunk's own job was cancelled under it: these go back
-            _hand_back(part, engine, policy, owner, requeue)
+        # Even when the chunk itself failed: other jobs' items go back, and a job this run
+        # finished is marked so (its own message will claim nothing and finish nothing).
+        finals = _settle_joined(parts, engine, policy, owner, requeue)
     items = parts[0].items
     if items and policy.ride_out(store.job_status, engine=engine, job_id=job_id) == JobStatus.cancelling:
         policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in items],
                         owner=owner, to=ItemStatus.cancelled)
+    finals[job_id] = _finish(engine, policy, job_id)
     joined: dict[str, int] = {}
     for part in parts[1:]:
         joined[part.job.id] = joined.get(part.job.id, 0) + part.claimed
     for other in [job_id, *(j for j in joined if j != job_id)]:
-        final = policy.ride_out(store.finish_if_complete, engine=engine, job_id=other)
-        if policy.ride_out(store.finish_cancel, engine=engine, job_id=other):
-            final = JobStatus.cancelled
+        final = finals.get(other)
         done, failed = writer.counts.get(other, (0, 0))
         what = (f"chunk of {len(item_ids)} items" + (f" and {joined[job_id]} joined" if job_id in joined else "")
                 if other == job_id else f"{joined[other]} items joined to job {job_id}'s batches")
@@ -193,21 +192,42 @@ def _generate(parts: list[_Part], writer: "_Writer", engine: Any, settings: Sett
                 break
         return
     except TransientError as exc:
-        writer.flush()
-        for part in parts[1:]:  # not their chunk's failure: they go back to their own jobs
-            _hand_back(part, engine, policy, writer.owner, requeue)
+        writer.flush()  # joined items left unfinished go back to their own jobs after the run
         if not last_attempt:
             policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in primary.items],
                             owner=writer.owner)
             raise
         log.error("job %s: %s (no attempts left)", job.id, exc)
         writer.submit(_error_rows(job, primary.items, exc.code, f"{exc} (after retries)"))
+        primary.items = []
     except PermanentError as exc:
         log.error("job %s: %s", job.id, exc)
         for part in parts:
             writer.submit(_error_rows(part.job, part.items, exc.code, str(exc)))
-    for part in parts:
-        part.items = []
+            part.items = []
+
+
+def _finish(engine: Any, policy: RetryPolicy, job_id: str) -> str | None:
+    """The job's final status if it just reached one (every item done or failed, or cancelled)."""
+    final = policy.ride_out(store.finish_if_complete, engine=engine, job_id=job_id)
+    if policy.ride_out(store.finish_cancel, engine=engine, job_id=job_id):
+        final = JobStatus.cancelled
+    return final
+
+
+def _settle_joined(parts: list[_Part], engine: Any, policy: RetryPolicy, owner: str,
+                   requeue: Requeue | None) -> dict[str, str | None]:
+    """After a run: joined items it left unfinished go back; the other jobs it ran finish."""
+    finals: dict[str, str | None] = {}
+    for part in parts[1:]:
+        try:
+            if part.items:  # the chunk's own job was cancelled under it, or the chunk failed
+                _hand_back(part, engine, policy, owner, requeue)
+            if part.job.id != parts[0].job.id:
+                finals[part.job.id] = _finish(engine, policy, part.job.id)
+        except Exception:  # not this chunk's items: never mask how the chunk itself ended
+            log.exception("job %s: joined items not settled; the sweeper re-sends them", part.job.id)
+    return finals
 
 
 def _hand_back(part: _Part, engine: Any, policy: RetryPolicy, owner: str, requeue: Requeue | None) -> None:
