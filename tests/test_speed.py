@@ -11,7 +11,7 @@ from aigc.schemas.settings import Settings
 from aigc.schemas.specs import GenerationParams
 from aigc.workers.decode import DecodeStats, GrowingLayer, Row, Sampling, decode, new_cache
 from aigc.workers.lm import CausalLM, TextRequest
-from aigc.workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, resolve_precision
+from aigc.workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, has_vnni, resolve_precision
 
 from conftest import WorkerProcess
 
@@ -72,7 +72,7 @@ def test_the_int8_kernel_quantizes_each_row_on_its_own():
 
 def test_precision_names_and_devices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu) == ("bf16" if has_native_bf16() else "int8")
+    assert resolve_precision("auto", cpu) == ("bf16" if has_native_bf16() else "int8" if has_vnni() else "fp32")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cuda) in ("bf16", "fp16")
     with pytest.raises(PrecisionError, match="CPU only"):
         resolve_precision("int8", cuda)

@@ -1,4 +1,4 @@
-"""A Hugging Face causal language model, loaded once, run in length-bucketed batches.
+"""A Hugging Face causal language model, loaded once, run in continuous batches (workers/decode.py).
 
 Any causal LM directory works (``AutoModelForCausalLM`` + ``AutoTokenizer``): the pretrained
 ``smollm2-135m-instruct`` fetched into ``AIGC_MODELS_DIR``, the small model shipped in
