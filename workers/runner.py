@@ -96,14 +96,16 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         duration_ms = (time.monotonic() - started) * 1000
         for run_id, job_of in {part.run_id: part.job.id for part in parts}.items():
             _end_run(engine, policy, run_id, job_of, duration_ms)
-        # Even when the chunk itself failed: other jobs' items go back, and a job this run
-        # finished is marked so (its own message will claim nothing and finish nothing).
-        finals = _settle_joined(parts, engine, policy, owner, requeue)
-    items = parts[0].items
-    if items and policy.ride_out(store.job_status, engine=engine, job_id=job_id) == JobStatus.cancelling:
-        policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in items],
-                        owner=owner, to=ItemStatus.cancelled)
-    finals[job_id] = _finish(engine, policy, job_id)
+        items = parts[0].items
+        if items and policy.ride_out(store.job_status, engine=engine, job_id=job_id) == JobStatus.cancelling:
+            policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in items],
+                            owner=owner, to=ItemStatus.cancelled)
+        # The chunk's job first, then the others in the order they joined (priority, then age):
+        # jobs that share a run finish in the order they were admitted. Even when the chunk
+        # itself failed: other jobs' items go back, and a job this run finished is marked so
+        # (its own message will claim nothing and finish nothing).
+        finals = {job_id: _finish(engine, policy, job_id)}
+        finals |= _settle_joined(parts, engine, policy, owner, requeue)
     joined: dict[str, int] = {}
     for part in parts[1:]:
         joined[part.job.id] = joined.get(part.job.id, 0) + part.claimed
