@@ -123,8 +123,7 @@ class Settings(BaseSettings):
     text_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto", description="What text models compute in: `int8` (Linear layers quantized "
         "dynamically, each token on its own; CPU only), `fp32`, `bf16`, `fp16`. `auto`: on CPU "
-        "`bf16` where the CPU does it in hardware (AMX, AVX512-BF16), else `int8` where it has VNNI, "
-        "else `fp32` (7-bit int8 fails the quality guard); on GPUs `bf16` "
+        "`bf16` where the CPU does it in hardware (AMX, AVX512-BF16), else `int8`; on GPUs `bf16` "
         "(`fp16` where unsupported). Each result records it in `params.precision`; speed and "
         "quality in docs/benchmarks.md.",
     )

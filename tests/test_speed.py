@@ -3,6 +3,11 @@ as they end. What they compute is checked here; how fast is for benchmarks/text_
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,9 +16,9 @@ from aigc.schemas.settings import Settings
 from aigc.schemas.specs import GenerationParams
 from aigc.workers.decode import DecodeStats, GrowingLayer, Row, Sampling, decode, new_cache
 from aigc.workers.lm import CausalLM, TextRequest
-from aigc.workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, has_vnni, resolve_precision
+from aigc.workers.precision import PrecisionError, RowScaledInt8Linear, has_native_bf16, resolve_precision
 
-from conftest import WorkerProcess
+from conftest import REPO, WorkerProcess
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "Write an article about bees.",
            "A", "In 1905, a young clerk in the patent office in Bern wrote four papers that"]
@@ -70,9 +75,40 @@ def test_the_int8_kernel_quantizes_each_row_on_its_own():
         assert torch.equal(layer(x[row:row + 1]), together[row:row + 1])
 
 
+# Full-range activations against all-large weights: where the int8 kernel adds pairs of u8 x s8
+# products in 16 bits (fbgemm without VNNI), 8-bit weights would saturate and give about 0.5 for 62.
+SATURATION_CHECK = """
+import json, torch
+from aigc.workers.precision import RowScaledInt8Linear, kernel_saturates
+linear = torch.nn.Linear(64, 16, bias=False)
+torch.nn.init.constant_(linear.weight, 1.0)
+layer = RowScaledInt8Linear(linear)
+x = torch.ones(3, 64)
+x[:, 0] = -1.0
+error = ((layer(x) - linear(x)).abs().max() / linear(x).abs().max()).item()
+print(json.dumps({"saturates": kernel_saturates(), "levels": layer.weight_levels, "error": error}))
+"""
+
+
+@pytest.mark.parametrize("instructions", ["", "AVX2"])
+def test_int8_never_saturates_the_kernel(instructions):
+    """FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes fbgemm run its AVX2 kernels on any x86 CPU (read
+    once per process, hence the child); on an AVX2-only machine both cases are that."""
+    env = os.environ | {"FBGEMM_ENABLE_INSTRUCTIONS": instructions}
+    done = subprocess.run([sys.executable, "-c", SATURATION_CHECK], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+
+    if instructions == "AVX2":
+        assert got["saturates"] and got["levels"] == 63
+    assert got["levels"] == (63 if got["saturates"] else 127)
+    assert got["error"] < 0.02
+
+
 def test_precision_names_and_devices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu) == ("bf16" if has_native_bf16() else "int8" if has_vnni() else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if has_native_bf16() else "int8")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cuda) in ("bf16", "fp16")
     with pytest.raises(PrecisionError, match="CPU only"):
         resolve_precision("int8", cuda)

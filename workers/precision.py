@@ -9,6 +9,8 @@ its batch-mates. :class:`RowScaledInt8Linear` scales each token's activations to
 and appends one fixed row spanning [-1, 1], so the kernel's per-tensor scale is always the same
 and every row is quantized on its own: the int8 layers give a row the same numbers whatever
 shares its batch (the float parts, attention above all, are as batch-independent as in float32).
+Activations keep 8 bits; weights keep 8 where the kernel has VNNI and 7 where it does not
+(:func:`kernel_saturates`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class PrecisionError(ValueError):
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The concrete precision for ``device``. ``auto``: on CPU, bf16 where the CPU computes it
-    natively (AMX, AVX512-BF16), else int8 where it has VNNI (both faster than fp32 with quality
-    within the guard: docs/benchmarks.md), else fp32; on GPUs bf16 where supported, else fp16."""
+    natively (AMX, AVX512-BF16), else int8 (both faster than fp32 with quality within the guard:
+    docs/benchmarks.md), else fp32; on GPUs bf16 where supported, else fp16."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown text precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
@@ -46,10 +48,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if has_native_bf16():
             return "bf16"
         engines = torch.backends.quantized.supported_engines
-        # Without VNNI the kernel keeps 7 bits of each activation, and articles came out a
-        # quarter shorter than fp32's (length ratio 0.89 against 1.14: docs/benchmarks.md),
-        # outside the quality guard; with VNNI int8 stayed within 0.013.
-        return "int8" if has_vnni() and ("fbgemm" in engines or "x86" in engines) else "fp32"
+        return "int8" if "fbgemm" in engines or "x86" in engines else "fp32"
     return precision
 
 
@@ -72,12 +71,21 @@ def has_native_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
-def has_vnni() -> bool:
-    """Whether this CPU has VNNI int8 dot products. Without them fbgemm adds pairs of u8 x s8
-    products in 16 bits, which can saturate: activations then keep 7 bits (``reduce_range``),
-    as torch's own dynamic Linear always does. With them all 8 bits are used, which brings
-    SmolLM2's next-token agreement with float32 from about 86% to 92% (docs/benchmarks.md)."""
-    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+@functools.cache
+def kernel_saturates() -> bool:
+    """Whether torch's int8 kernel adds pairs of u8 x s8 products in 16 bits, as fbgemm does
+    without VNNI (``vpmaddubsw``, AVX2 and AVX512 alike): two products of 255 x 127 then
+    overflow and the sum saturates. Asked of the kernel itself, since which code it runs depends
+    on more than the CPU's flags (``FBGEMM_ENABLE_INSTRUCTIONS``, no VEX AVX-VNNI in fbgemm)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weight = torch.quantize_per_channel(torch.ones(8, 64), torch.full((8,), 1 / 127, dtype=torch.double),
+                                            torch.zeros(8, dtype=torch.long), 0, torch.qint8)  # every weight 127
+        x = torch.ones(2, 64)
+        x[:, 0] = -1.0  # range [-1, 1]: 1.0 is quantized to 255
+        out = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(weight, None),
+                                                 reduce_range=False)
+    return bool((out - 62.0).abs().max() > 1.0)  # exactly 62 without saturation, about 0.5 with
 
 
 class RowScaledInt8Linear(nn.Module):
@@ -90,14 +98,18 @@ class RowScaledInt8Linear(nn.Module):
     the output row is multiplied back by the token's scale.
     """
 
-    def __init__(self, linear: nn.Module, reduce_range: bool | None = None):
+    def __init__(self, linear: nn.Module, weight_levels: int | None = None):
         super().__init__()
-        self.reduce_range = not has_vnni() if reduce_range is None else reduce_range
+        # Where the kernel saturates (above), weights keep 7 bits (±63) so that two products of
+        # a full 8-bit activation never leave 16 bits. The alternative, torch's reduce_range (7-bit
+        # activations), lost more: next-token agreement with fp32 83.9% against 88.6%
+        # (docs/benchmarks.md); where it does not saturate, 8 bits of each give 91.9%.
+        self.weight_levels = weight_levels or (63 if kernel_saturates() else 127)
         weight = linear.weight.detach().float()  # (out, in)
         if type(linear).__name__ == "Conv1D":  # GPT-2's Linear keeps its weight as (in, out)
             weight = weight.t().contiguous()
         self.out_features, self.in_features = weight.shape
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,) symmetric per channel
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / self.weight_levels  # (out,) symmetric per channel
         qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros_like(scales, dtype=torch.long),
                                              0, torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
@@ -113,13 +125,14 @@ class RowScaledInt8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features).float()  # (N, in)
         scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
         rows = torch.cat([flat / scale, self.span])  # (N + 1, in), every row within [-1, 1]
-        out = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=self.reduce_range)[:-1] * scale
+        out = torch.ops.quantized.linear_dynamic(rows, self._packed, reduce_range=False)[:-1] * scale
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)  # (..., out)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel/token"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel/token, "
+                f"weights ±{self.weight_levels}")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
