@@ -252,16 +252,20 @@ def test_a_batch_past_its_window_expires_and_keeps_its_results(served):
 def test_the_server_killed_mid_batch_loses_nothing(served):
     settings, server, _, folder = served
     sdk = client(server)
-    lines = [chat_line(f"k{i}", f"Item {i}", max_tokens=16) for i in range(64)]
+    # 64 x 128 tokens at 8 rows a step: over a second of work even where the tiny model is
+    # fast, so the kill (one 0.2 s poll after the 4th result) lands mid-batch
+    lines = [chat_line(f"k{i}", f"Item {i}", max_tokens=128) for i in range(64)]
     batch = sdk.batches.create(input_file_id=upload(sdk, lines).id, endpoint="/v1/chat/completions",
                                completion_window="24h")
     seen = wait_for(sdk, batch.id, until=lambda b: b.request_counts.completed >= 4)
 
     server.kill()
-    assert seen.request_counts.completed < 64  # killed mid-batch
-    with pytest.raises(openai.APIConnectionError):
-        sdk.batches.retrieve(batch.id)
-    server.start()
+    try:
+        assert seen.request_counts.completed < 64  # killed mid-batch
+        with pytest.raises(openai.APIConnectionError):
+            sdk.batches.retrieve(batch.id)
+    finally:
+        server.start()  # the module's other tests share this server
 
     batch = wait_for(sdk, batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 64
