@@ -148,7 +148,9 @@ class _Joiner:
                                        kinds=kinds, limit=room)
         joined = []
         for job_id, priority, item_ids in waiting:
-            job = self.policy.ride_out(store.load_job, engine=self.engine, job_id=job_id)
+            # a job already in the run is not loaded again (the claim checks that it still runs)
+            job = next((p.job for p in self.parts if p.job.id == job_id), None) or self.policy.ride_out(
+                store.load_job, engine=self.engine, job_id=job_id)
             items = job and self.policy.ride_out(
                 store.claim, engine=self.engine, job_id=job_id, item_ids=item_ids, owner=self.owner,
                 lease_seconds=self.settings.lease_seconds, fresh_only=True)
