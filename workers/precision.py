@@ -8,7 +8,9 @@ tensor, so a row's numbers would depend on what else shares its batch, and an it
 its batch-mates. :class:`RowScaledInt8Linear` scales each token's activations to [-1, 1] first
 and appends one fixed row spanning [-1, 1], so the kernel's per-tensor scale is always the same
 and every row is quantized on its own: the int8 layers give a row the same numbers whatever
-shares its batch (the float parts, attention above all, are as batch-independent as in float32).
+shares its batch, given the same input. The float parts are not exactly batch-independent
+(attention's sums over a row's left padding), and a last-bit change there can move a token's
+scale or rounding, so a whole model's int8 output still depends a little on its batch-mates.
 Activations keep 8 bits; weights keep 8 where the kernel has VNNI and 7 where it does not
 (:func:`kernel_saturates`).
 """
