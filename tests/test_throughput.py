@@ -72,9 +72,18 @@ class Cli:
 
     def __init__(self, settings, *args: str):
         env = os.environ | settings_env(settings) | {"COLUMNS": "200"}
-        self.process = subprocess.Popen([sys.executable, "-m", "aigc.cli", *args], env=env,
-                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
+        # Ctrl-C must reach it as it does from a terminal: a test run started in the background
+        # of a script ignores SIGINT, and a child would inherit that (a handler is not inherited).
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.process = subprocess.Popen([sys.executable, "-m", "aigc.cli", *args], env=env,
+                                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True)
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.lines: list[str] = []
         self.started = threading.Event()
         self.reader = threading.Thread(target=self._read, daemon=True)
