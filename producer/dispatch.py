@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine, select
 
-from aigc.schemas.dispatch import broker_priority, celery_config, queue_name, task_name
+from aigc.schemas.dispatch import celery_config, chunk_message
 from aigc.schemas.enums import ItemStatus
 from aigc.schemas.settings import Settings, redact_url
 from aigc.schemas.tables import Item
@@ -70,11 +70,7 @@ def enqueue(settings: Settings, engine: Engine, job_id: str, kind: str, priority
         with app.producer_or_acquire() as producer:
             for chunk in chunked(item_ids(engine, job_id, where), settings.chunk_size):
                 app.send_task(
-                    task_name(kind),
-                    args=[job_id, chunk],
-                    kwargs={"items": len(chunk)},  # the chunk's size, readable in Flower
-                    queue=queue_name(kind),
-                    priority=broker_priority(priority),
+                    **chunk_message(kind, job_id, chunk, priority),
                     producer=producer,
                     retry=True,
                     retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},

@@ -34,6 +34,14 @@ def queue_name(kind: Kind | str) -> str:
     return Kind(kind).value
 
 
+def chunk_message(kind: Kind | str, job_id: str, item_ids: list[int], priority: int = 0) -> dict[str, Any]:
+    """``send_task`` arguments for one chunk of a job: the message shape above, on its kind's
+    queue at the job's priority (the producer's chunks, and items a worker hands back)."""
+    return {"name": task_name(kind), "args": [job_id, item_ids],
+            "kwargs": {"items": len(item_ids)},  # the chunk's size, readable in Flower
+            "queue": queue_name(kind), "priority": broker_priority(priority)}
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """Transport options for the broker URL; ``filesystem:///DIR`` keeps its folders in DIR."""
     parts = urlsplit(settings.broker_url)

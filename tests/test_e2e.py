@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from aigc import api
+from aigc import DispatchError, api
 
 from conftest import plain_rows, run_cli
 
@@ -166,3 +166,27 @@ def test_jobs_submitted_while_one_runs_join_its_batch_and_keep_their_own_rows(st
         (run,) = runs[job_id]
         assert first["started_at"] <= run["started_at"] < first["finished_at"]
         assert run["done"] == run["claimed"] == len(list(api.results(job_id, settings=settings)))
+
+
+
+def test_items_a_worker_hands_back_are_sent_again_as_a_chunk_the_workers_run(stack):
+    """``tasks.requeue`` (joined items a failed run left unfinished) sends the message the
+    producer sends: a real worker takes it from the real broker and finishes the job."""
+    from aigc.schemas.db import get_engine
+    from aigc.workers import store
+    from aigc.workers.tasks import requeue
+
+    settings, worker = stack
+    offline = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with pytest.raises(DispatchError) as raised:  # saved in SQL, never sent
+        api.submit("article", [{"prompt": f"Back {i}"} for i in range(3)], params={"max_new_tokens": 4},
+                   settings=offline)
+    job_id = raised.value.job_id
+    ids = [row["id"] for row in plain_rows(settings.database_url, "SELECT id FROM items WHERE job_id = :j "
+                                           "ORDER BY id", j=job_id)]
+
+    requeue(store.load_job(engine=get_engine(settings.database_url), job_id=job_id), 3, ids)
+
+    job = api.wait(job_id, timeout=120, settings=settings)
+    assert (job.status, job.done) == ("completed", 3)
+    assert {r["worker"] for r in api.results(job_id, settings=settings)} == {worker.hostname}

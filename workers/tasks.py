@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Task
 
-from aigc.schemas.dispatch import LEGACY_TASK, broker_priority, queue_name, task_name
+from aigc.schemas.dispatch import LEGACY_TASK, chunk_message, task_name
 from aigc.schemas.enums import Kind
 from aigc.schemas.settings import get_settings
 
@@ -35,8 +35,7 @@ def generate_chunk(self: Task, job_id: str, item_ids: list[int], items: int | No
 def requeue(job: JobInfo, priority: int, item_ids: list[int]) -> None:
     """Send items of ``job`` as a chunk of their own, as the producer does (items that joined
     another chunk's batches and were handed back unfinished)."""
-    app.send_task(task_name(job.kind), args=[job.id, item_ids], kwargs={"items": len(item_ids)},
-                  queue=queue_name(job.kind), priority=broker_priority(priority), retry=True)
+    app.send_task(**chunk_message(job.kind, job.id, item_ids, priority), retry=True)
 
 
 # One task per kind (aigc.article, ...), all the same function; and the old name for messages
