@@ -106,9 +106,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         # (its own message will claim nothing and finish nothing).
         finals = {job_id: _finish(engine, policy, job_id)}
         finals |= _settle_joined(parts, engine, policy, owner, requeue)
-    joined: dict[str, int] = {}
-    for part in parts[1:]:
-        joined[part.job.id] = joined.get(part.job.id, 0) + part.claimed
+    joined = {part.job.id: part.claimed for part in parts[1:]}  # one part per joined job
     for other in [job_id, *(j for j in joined if j != job_id)]:
         final = finals.get(other)
         done, failed = writer.counts.get(other, (0, 0))
@@ -138,14 +136,14 @@ class _Joiner:
         self.parts, self.writer, self.heartbeat = parts, writer, heartbeat
         self.engine, self.settings, self.policy = engine, settings, policy
         self.worker, self.owner = worker, owner
+        self.kinds = kinds_of(backend_for(parts[0].job.kind))
 
     def __call__(self, room: int) -> list[tuple[JobInfo, list[ClaimedItem]]]:
         primary = self.parts[0]
         if room <= 0 or not primary.items:
             return []
-        kinds = kinds_of(backend_for(primary.job.kind))
         waiting = self.policy.ride_out(store.waiting_items, engine=self.engine, model=primary.job.model,
-                                       kinds=kinds, limit=room)
+                                       kinds=self.kinds, limit=room)
         joined = []
         for job_id, priority, item_ids in waiting:
             # a job already in the run is not loaded again (the claim checks that it still runs)

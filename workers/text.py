@@ -82,7 +82,7 @@ class TextBackend:
                 plan = plans[output.key[0]]
                 plan.outputs.append(output)
                 if plan.complete:
-                    rows.append(self._row(plan.job, plan))
+                    rows.append(self._row(plan))
             if rows:
                 yield rows
 
@@ -105,7 +105,8 @@ class TextBackend:
             return TextRequest(key, "", seed=seed, messages=messages, prefix=prefix, **common)
         return TextRequest(key, render_prompt(kind, spec), seed=seed, **common)
 
-    def _row(self, job: JobInfo, plan: _Plan) -> ResultRow:
+    def _row(self, plan: _Plan) -> ResultRow:
+        job = plan.job
         outputs = sorted(plan.outputs, key=lambda o: o.key)
         used = max((o.params or plan.params for o in outputs), key=lambda p: p.max_new_tokens)
         item = plan.item
