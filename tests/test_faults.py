@@ -239,7 +239,11 @@ def job_in_flight(settings: Settings, tmp_path: Path, n: int):
 
 
 def test_flushall_mid_job_then_sweep_finishes_with_nothing_lost(private_redis, sqlite_url, tiny_model, tmp_path):
-    settings = fault_settings(private_redis.url, sqlite_url, tiny_model)
+    # Joining off: a chunk run would otherwise claim the job's later items straight from SQL
+    # while its own items run, so the one message in hand (or the next, fetched just before the
+    # flush) could carry the whole job and the sweep would have nothing to re-send. Here each
+    # message runs its own chunk, so at most two of the twelve run after the flush.
+    settings = fault_settings(private_redis.url, sqlite_url, tiny_model, join_jobs=False)
     n = 120
     with job_in_flight(settings, tmp_path, n) as (worker, job_id):
         private_redis.client().flushall()
@@ -251,6 +255,7 @@ def test_flushall_mid_job_then_sweep_finishes_with_nothing_lost(private_redis, s
 
         assert re.search(rf"job {job_id}: \d+ item\(s\) re-sent", swept), swept
         job = api.wait(job_id, timeout=180, settings=settings)
+        assert "joined" not in worker.log()  # the premise: every item came by its own message
     assert job.status == "completed"
     assert_exactly_once(settings, job_id, n)
 
