@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         "Unset: max(3600, 2 x `AIGC_LEASE_SECONDS`). A chunk running longer is delivered twice, "
         "and its leases make the second delivery a no-op.",
     )
+    shutdown_grace_seconds: float = Field(
+        20, ge=0, description="On SIGTERM a worker starts no new rows; those already generating "
+        "may finish for this long, then the rest of its chunk is handed back to the queue "
+        "(pending again, no attempt charged) and it exits. Keep it under the stop timeout of "
+        "what stops the worker (Kubernetes 30 s, compose.yaml 1 min).",
+    )
     db_outage_seconds: float = Field(
         120, ge=0, description="How long a worker waits out an unreachable database (retrying "
         "with backoff) before it gives the chunk back to be retried later.",

@@ -242,3 +242,31 @@ def test_min_new_tokens_holds_back_the_end_of_text(tiny_model):
     assert held.output_tokens >= 5 and held.text
     capped = GenerationParams(max_new_tokens=4, min_new_tokens=9)
     assert effective_params("article", capped.model_dump(), {"prompt": "x"}).min_new_tokens == 4
+
+
+
+
+@pytest.mark.parametrize("grace,finished", [(60.0, {0, 1}), (0.0, {0})], ids=["rows-in-flight-finish", "grace-over"])
+def test_once_shutdown_begins_no_row_starts_and_those_in_flight_finish_within_the_grace(lm, grace, finished):
+    from aigc.workers.shutdown import Shutdown
+
+    shutdown = Shutdown()
+    short, long = GenerationParams(max_new_tokens=4), GenerationParams(max_new_tokens=40)
+    late = [TextRequest(i, p, short, seed=0) for i, p in enumerate(PROMPTS[2:], start=2)]
+    asked = []
+
+    def more(room):  # the room row 0 leaves would be filled from here
+        asked.append(room)
+        return [late.pop(0)] if late else []
+
+    got = {}
+    for batch in lm.generate([TextRequest(0, PROMPTS[0], short, seed=0), TextRequest(1, PROMPTS[1], long, seed=0)],
+                             max_rows=2, max_tokens=100_000, flush_seconds=0, more=more, shutdown=shutdown):
+        got |= {o.key: o for o in batch}
+        shutdown.begin(grace)  # row 0 has ended; row 1 is 4 of its 40 tokens in
+
+    assert set(got) == finished  # nothing joined; without grace, the long row was dropped
+    assert [got[k].output_tokens for k in sorted(got)] == [4, 40][:len(finished)]
+    assert asked == [] and len(late) == 4
+    waiting = [TextRequest(i, p, short, seed=0) for i, p in enumerate(PROMPTS)]
+    assert list(lm.generate(waiting, max_rows=2, max_tokens=100_000, shutdown=shutdown)) == []

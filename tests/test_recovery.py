@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,3 +116,47 @@ def test_a_live_worker_keeps_a_chunk_that_outlasts_its_lease(redis_url, sqlite_u
     assert attempts[0]["n"] == 1  # never claimed again
     runs = plain_rows(sqlite_url, "SELECT worker, done, duration_ms FROM chunk_runs WHERE job_id = :j", j=job_id)
     assert len(runs) == 1 and runs[0]["done"] == 8 and runs[0]["duration_ms"] > 2000 * 2
+
+
+@pytest.mark.integration  # worker or CLI subprocesses
+def test_a_stopped_worker_hands_back_what_it_has_not_finished_and_another_finishes_it(
+        redis_url, sqlite_url, tiny_model, tmp_path):
+    # One chunk of 40 items of 100 tokens, a row at a time (about 5 s here): SIGTERM comes
+    # with most of it to do. The leases (300 s) outlast the test and no sweeper runs: only the
+    # message the stopping worker sends can bring the rest to the second worker.
+    settings = fault_settings(redis_url, sqlite_url, tiny_model, chunk_size=40, max_batch_rows=1,
+                              lease_seconds=300, visibility_timeout=3600)
+    first = WorkerProcess(settings, tmp_path / "first.log")
+    second = None
+    try:
+        first.wait_ready()
+        job_id = api.submit("article", items(40), params={"max_new_tokens": 100}, settings=settings)
+        deadline = time.monotonic() + 60
+        while not plain_rows(sqlite_url, "SELECT count(*) AS n FROM results WHERE job_id = :j", j=job_id)[0]["n"]:
+            assert time.monotonic() < deadline, first.log()
+            time.sleep(0.1)
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(60) == 0, first.log()
+
+        states = plain_rows(sqlite_url, "SELECT status, attempts, count(*) AS n FROM items WHERE job_id = :j "
+                                        "GROUP BY status, attempts ORDER BY status", j=job_id)
+        done = sum(s["n"] for s in states if s["status"] == "done")
+        assert 0 < done < 40, states
+        # The rest is pending again, no attempt charged, and sent as a chunk of its own.
+        assert states == [{"status": "done", "attempts": 1, "n": done},
+                          {"status": "pending", "attempts": 0, "n": 40 - done}], states
+        pending = plain_rows(sqlite_url, "SELECT id FROM items WHERE job_id = :j AND status = 'pending'", j=job_id)
+        assert queued_ids(settings) == sorted(r["id"] for r in pending)
+        assert f"{40 - done} unfinished item(s) of the run handed back" in first.log()
+
+        second = WorkerProcess(settings.model_copy(update={"max_batch_rows": 40}), tmp_path / "second.log")
+        second.wait_ready()
+        job = api.wait(job_id, timeout=120, settings=settings)
+    finally:
+        first.stop()
+        if second:
+            second.stop()
+    assert job.status == "completed"
+    assert_exactly_once(settings, job_id, 40)
+    rows = plain_rows(sqlite_url, "SELECT worker, count(*) AS n FROM results WHERE job_id = :j GROUP BY worker", j=job_id)
+    assert {r["worker"]: r["n"] for r in rows} == {first.hostname: done, second.hostname: 40 - done}

@@ -342,3 +342,87 @@ def test_joined_items_left_when_the_chunks_job_is_cancelled_go_back(database_url
     assert job_row(database_url, first)[0] == "cancelled"
     assert statuses(database_url, second) == {"pending": 2} and requeued[0][2] == second_ids
     assert job_row(database_url, second)[0] == "running"
+
+
+@pytest.fixture
+def shutdown(monkeypatch):
+    """This test's own worker shutdown, begun by the scripted backends (the worker's is SIGTERM)."""
+    from aigc.workers.shutdown import Shutdown
+
+    stopping = Shutdown()
+    monkeypatch.setattr(runner, "SHUTDOWN", stopping)
+    return stopping
+
+
+@pytest.mark.parametrize("graceful,grace,cut", [(False, 60.0, True), (True, 0.0, True), (True, 60.0, False)],
+                         ids=["other-backend", "grace-over", "winding-down"])
+def test_a_stopping_worker_hands_back_its_chunk_and_the_joined_items_uncharged(database_url, monkeypatch, shutdown,
+                                                                               graceful, grace, cut):
+    model = f"m-{uuid.uuid4()}"
+    settings = Settings(database_url=database_url)
+    first, first_ids = model_job(database_url, 4, model)
+    second, second_ids = model_job(database_url, 2, model)
+    set_job(database_url, first, priority=3)
+
+    class StoppedMidway(Joining):
+        winds_down_on_shutdown = graceful
+
+        def run_jobs(self, parts, more=None):
+            (job, items), = parts
+            held = more(10)
+            yield [ok_row(job, items[0])]
+            shutdown.begin(grace)  # SIGTERM
+            yield [ok_row(job, items[1])]  # cut here, unless the backend winds down in its grace
+            yield [ok_row(job, item) for item in items[2:]] + [ok_row(j, i) for j, its in held for i in its]
+
+    monkeypatch.setattr(runner, "get_generator", lambda *a: StoppedMidway())
+    requeued = []
+
+    result = runner.run_chunk(first, first_ids, worker="w", settings=settings,
+                              policy=RetryPolicy.from_settings(settings), requeue=lambda *a: requeued.append(a))
+
+    if not cut:  # what the backend gave within the grace is kept; nothing was left
+        assert (result["done"], requeued) == (4, [])
+        assert statuses(database_url, second) == {"done": 2}
+        return
+    assert (result["done"], result["failed"]) == (2, 0)
+    assert statuses(database_url, first) == {"done": 2, "pending": 2}
+    assert statuses(database_url, second) == {"pending": 2}
+    assert attempts(database_url, first_ids) == [1, 1, 0, 0]  # the unfinished are not charged
+    assert attempts(database_url, second_ids) == [0, 0]
+    assert sorted((job.id, priority, ids) for job, priority, ids in requeued) == sorted(
+        [(first, 3, first_ids[2:]), (second, 0, second_ids)])
+    assert tuple(job_row(database_url, first)) == ("running", 2, 0)
+
+
+@pytest.mark.parametrize("between", [True, False], ids=["between-items", "mid-item"])
+def test_a_rerun_chunk_stopping_hands_back_the_rest_with_the_attempts_it_had(database_url, monkeypatch,
+                                                                             shutdown, between):
+    from sqlalchemy import update
+
+    settings = Settings(database_url=database_url, max_attempts=5)
+    job_id, ids = make_job(database_url, 4)
+    with get_engine(database_url).begin() as connection:  # an earlier claim of all four died
+        connection.execute(update(Item).where(Item.id.in_(ids)).values(attempts=1))
+    ran = []
+
+    class StopsOnSecond:
+        def run(self, job, items):
+            ran.append(items[0].id)
+            if items[0].id == ids[1]:
+                shutdown.begin(60.0 if between else 0.0)
+                if not between:
+                    return  # abandoned mid-item: no row
+            yield [ok_row(job, items[0])]
+
+    monkeypatch.setattr(runner, "get_generator", lambda *a: StopsOnSecond())
+    requeued = []
+
+    runner.run_chunk(job_id, ids, worker="w", settings=settings, policy=RetryPolicy.from_settings(settings),
+                     requeue=lambda *a: requeued.append(a))
+
+    assert ran == ids[:2]  # nothing started after shutdown began
+    finished = 2 if between else 1
+    assert statuses(database_url, job_id) == {"done": finished, "pending": 4 - finished}
+    assert attempts(database_url, ids) == [2] * finished + [1] * (4 - finished)  # as before this claim
+    assert [(job.id, sent) for job, _, sent in requeued] == [(job_id, ids[finished:])]

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_shutting_down
 from celery.worker.control import inspect_command
 
 from aigc.schemas.dispatch import celery_config
@@ -30,6 +31,14 @@ def create_app() -> Celery:
 
 
 app = create_app()
+
+
+@worker_shutting_down.connect
+def _stop_generating(how: str = "Warm", **_: Any) -> None:
+    """Celery's warm shutdown waits for the running chunk: make that short (workers/shutdown.py)."""
+    from .shutdown import SHUTDOWN
+
+    SHUTDOWN.begin(get_settings().shutdown_grace_seconds if how == "Warm" else 0.0)
 
 
 @inspect_command()

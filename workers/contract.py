@@ -22,11 +22,15 @@ return is defined here::
 
 ``run`` yields one list of rows per batch, as soon as they are final: the runner commits a
 batch while the next one generates, and may close the generator between batches (the job was
-cancelled). Each item gets exactly one row; a failed item is a row with ``error_code`` set, not
-an exception. Raise :class:`aigc.workers.errors.TransientError` when the world failed (out of
-memory, storage away): the items without a row yet are retried later. Raise
-:class:`aigc.workers.errors.PermanentError` when they can never succeed: they are recorded with its
-code. An item that gets no row at all stays leased until its lease expires and is run again.
+cancelled, or the worker is stopping: the items without a row go back to the queue). A backend
+that winds down by itself when the worker stops (``winds_down_on_shutdown = True``, as the
+text backend: it starts no row and lets the rows in flight finish within the grace, see
+:mod:`aigc.workers.shutdown`) is closed only when the grace is over. Each item gets exactly
+one row; a failed item is a row with ``error_code`` set, not an exception. Raise
+:class:`aigc.workers.errors.TransientError` when the world failed (out of memory, storage
+away): the items without a row yet are retried later. Raise
+:class:`aigc.workers.errors.PermanentError` when they can never succeed: they are recorded with
+its code. An item that gets no row at all stays leased until its lease expires and is run again.
 
 A backend may also define ``run_jobs(parts, more=None)`` (the text backend does): the items of
 several jobs (``parts``, a list of ``(job, items)``) in shared batches, and ``more(rows free)``,
@@ -55,6 +59,7 @@ class JobInfo:
     model: str  # the model name every item of the job runs on, as submitted
     params: dict[str, Any]  # the job's parameters as given (``aigc.schemas.specs.JobParams``)
     status: str  # ``running`` while its items are generated
+    priority: int = 0  # higher runs first; what the worker sends again goes at the same priority
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .decode import DecodeStats, Row, Sampling, decode
 from .errors import ModelNotFoundError
 from .precision import load_dtype, quantize_int8, quantized_bytes, resolve_precision
 from .registry import module_bytes
+from .shutdown import SHUTDOWN, Shutdown
 
 BUILTIN_MODELS = {DEFAULT_TEXT_MODEL: Path(__file__).parent / "models" / DEFAULT_TEXT_MODEL}
 FETCHED_MODELS = (PRETRAINED_TEXT_MODEL,)  # names `aigc models fetch` puts in AIGC_MODELS_DIR
@@ -158,7 +159,8 @@ class CausalLM:
 
     def generate(self, requests: Sequence[TextRequest], *, max_rows: int, max_tokens: int,
                  bucketing: bool = True, more: More | None = None,
-                 flush_seconds: float = FLUSH_SECONDS) -> Iterator[list[TextOutput]]:
+                 flush_seconds: float = FLUSH_SECONDS,
+                 shutdown: Shutdown = SHUTDOWN) -> Iterator[list[TextOutput]]:
         """Yield outputs as rows finish, gathered (at most every ``flush_seconds``, and when a
         decode ends); requests sharing sampling params share a continuous batch.
 
@@ -168,27 +170,33 @@ class CausalLM:
         every ``MORE_SECONDS``, and before the batch would end), gives requests that arrived
         since (other jobs' items, say): those of the running group join it at once, the
         others run next.
+
+        Once ``shutdown`` is requested no row starts and nothing more is asked for; the rows
+        in flight finish unless it becomes overdue first, when they are dropped. Either way
+        the requests without an output are simply never yielded (the caller hands them back).
         """
         feed = _Feed(self, max_tokens, bucketing)
         failures = feed.add(requests)
         if failures:
             yield failures
-        while feed.groups:
+        while feed.groups and not shutdown.requested:
             group = next(iter(feed.groups))
             try:
-                yield from self._decode_group(feed, group, max_rows, more, flush_seconds)
+                yield from self._decode_group(feed, group, max_rows, more, flush_seconds, shutdown)
             except torch.OutOfMemoryError:
                 # The rows in flight start over, in smaller batches; finished ones stay finished.
                 size = len(feed.in_flight)
                 feed.put_back(group)
                 self.batching.shrink(size)  # a single row that does not fit raises TransientError
+            except _Abandoned:
+                feed.in_flight.clear()
             if not feed.groups.get(group):
                 feed.groups.pop(group, None)
             if feed.finished:
                 yield feed.hand_on()
 
     def _decode_group(self, feed: "_Feed", group: tuple, max_rows: int, more: More | None,
-                      flush_seconds: float) -> Iterator[list[TextOutput]]:
+                      flush_seconds: float, shutdown: Shutdown) -> Iterator[list[TextOutput]]:
         temperature, top_p, penalty, stop = group
         stopping = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))] if stop else [])
         asked = float("-inf")
@@ -196,6 +204,10 @@ class CausalLM:
 
         def take(running: int, width: int) -> list[Row]:
             nonlocal asked
+            if shutdown.requested:  # asked before every step: the rows in flight go on, or stop
+                if running and shutdown.overdue:
+                    raise _Abandoned
+                return []
             rows = self.batching.limit(max_rows)
             idle = running + feed.waiting == 0  # the batch would end here: ask before it does
             if more is not None and running + feed.waiting < rows and (
@@ -252,6 +264,10 @@ class CausalLM:
         reason = "stop" if ended or n_out < params.max_new_tokens else "length"
         return TextOutput(request.key, text, len(prompt), n_out, latency_ms,
                           finish_reason=reason, params=params)
+
+
+class _Abandoned(Exception):
+    """Shutdown's grace ran out with rows in flight: they are dropped, unfinished."""
 
 
 class _Feed:

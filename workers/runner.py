@@ -20,6 +20,7 @@ from .contract import ClaimedItem, JobInfo, ResultRow, as_result_rows, result_ro
 from .errors import PermanentError, TransientError
 from .registry import backend_for, get_generator, kinds_of
 from .retry import RetryPolicy
+from .shutdown import SHUTDOWN
 
 log = logging.getLogger("aigc.worker")
 
@@ -32,7 +33,7 @@ class _Part:
     job: JobInfo
     items: list[ClaimedItem]
     run_id: int
-    priority: int = 0  # the job's, for sending back what a joined part leaves unfinished
+    priority: int = 0  # the job's, for sending back what the run leaves unfinished
     claimed: int = 0  # items it joined with
 
 
@@ -53,6 +54,9 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
     on the same model join the chunk's batches while its own items run (each job keeps its own
     rows, counts and ``chunk_runs`` row); what of them is left unfinished is handed back and
     sent again with ``requeue``.
+
+    When the worker is stopping (:mod:`aigc.workers.shutdown`), every item the run leaves
+    unfinished is handed back the same way, the chunk's own included.
     """
     started = time.monotonic()
     engine = get_engine(settings.database_url)
@@ -72,7 +76,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         "job_id": job_id, "worker": worker, "items": len(item_ids), "claimed": len(claimed)})
     writer = _Writer(engine, policy, worker, owner, {job_id: run_id}, started)
     heartbeat = _Heartbeat(engine, [item.id for item in claimed], owner, settings.lease_seconds)
-    parts = [_Part(job, items, run_id)]
+    parts = [_Part(job, items, run_id, job.priority)]
     try:
         poison = [item for item in items if policy.over_cap(item)]
         if poison:
@@ -97,7 +101,12 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         for run_id, job_of in {part.run_id: part.job.id for part in parts}.items():
             _end_run(engine, policy, run_id, job_of, duration_ms)
         items = parts[0].items
-        if items and policy.ride_out(store.job_status, engine=engine, job_id=job_id) == JobStatus.cancelling:
+        if SHUTDOWN.requested and any(part.items for part in parts):
+            log.info("job %s: worker stopping; %d unfinished item(s) of the run handed back",
+                     job_id, sum(len(part.items) for part in parts))
+        if items and SHUTDOWN.requested:
+            _hand_back(parts[0], engine, policy, owner, requeue)
+        elif items and policy.ride_out(store.job_status, engine=engine, job_id=job_id) == JobStatus.cancelling:
             policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in items],
                             owner=owner, to=ItemStatus.cancelled)
         # The chunk's job first, then the others in the order they joined (priority, then age):
@@ -183,14 +192,19 @@ def _generate(parts: list[_Part], writer: "_Writer", engine: Any, settings: Sett
             batches = backend.run_jobs([(job, primary.items)], more=joiner)
         else:
             batches = backend.run(job, primary.items)
+        # Stopping: a backend that says it winds down by itself (text: rows in flight finish
+        # within the grace) is cut off only when the grace is over; any other after its batch.
+        graceful = getattr(backend, "winds_down_on_shutdown", False)
         for yielded in batches:
             rows = as_result_rows(yielded)
             writer.submit(rows)  # written while the next batch generates
             finished = {row.item_id for row in rows}
             for part in parts:
                 part.items = [item for item in part.items if item.id not in finished]
-            if primary.items and policy.ride_out(store.job_status, engine=engine, job_id=job.id) != JobStatus.running:
-                getattr(batches, "close", lambda: None)()  # cancelled: what has not started never will
+            stopping = SHUTDOWN.overdue if graceful else SHUTDOWN.requested
+            if stopping or primary.items and policy.ride_out(
+                    store.job_status, engine=engine, job_id=job.id) != JobStatus.running:
+                getattr(batches, "close", lambda: None)()  # what has not started never will
                 break
         return
     except TransientError as exc:
@@ -198,6 +212,7 @@ def _generate(parts: list[_Part], writer: "_Writer", engine: Any, settings: Sett
         if not last_attempt:
             policy.ride_out(store.release, engine=engine, item_ids=[item.id for item in primary.items],
                             owner=writer.owner)
+            primary.items = []  # pending again: no longer this run's to hand back
             raise
         log.error("job %s: %s (no attempts left)", job.id, exc)
         writer.submit(_error_rows(job, primary.items, exc.code, f"{exc} (after retries)"))
@@ -233,8 +248,9 @@ def _settle_joined(parts: list[_Part], engine: Any, policy: RetryPolicy, owner: 
 
 
 def _hand_back(part: _Part, engine: Any, policy: RetryPolicy, owner: str, requeue: Requeue | None) -> None:
-    """A joined job's unfinished items: back to ``pending``, their claim not counted as an
-    attempt, and sent again (its own chunk's message may be gone); ``cancelled`` if it is."""
+    """A part's unfinished items (joined ones, or any when the worker stops): back to
+    ``pending``, their claim not counted as an attempt, and sent again (the message that
+    brought them is acknowledged, or gone); ``cancelled`` if their job is."""
     ids = [item.id for item in part.items]
     part.items = []
     if policy.ride_out(store.job_status, engine=engine, job_id=part.job.id) == JobStatus.cancelling:
@@ -269,11 +285,19 @@ def _generate_carefully(part: _Part, writer: "_Writer", engine: Any, settings: S
     for position, item in enumerate(items):
         if position:
             writer.flush()  # the previous item is committed before this one may crash us
+            if SHUTDOWN.requested:  # the rest goes back charged as claimed, to be uncharged then
+                policy.ride_out(store.add_attempts, engine=engine, item_ids=[i.id for i in items[position:]],
+                                delta=1)
+                part.items = items[position:]
+                return
             policy.ride_out(store.add_attempts, engine=engine, item_ids=[item.id], delta=1)
         alone = _Part(job, [item], part.run_id)
         _generate([alone], writer, engine, settings, policy, last_attempt)
-        if alone.items:  # cancelled, or handed back for a retry
+        if alone.items:  # cancelled, handed back for a retry, or the worker is stopping
             part.items = items[position:]
+            if SHUTDOWN.requested:
+                policy.ride_out(store.add_attempts, engine=engine,
+                                item_ids=[i.id for i in items[position + 1:]], delta=1)
             return
     part.items = []
 

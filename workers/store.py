@@ -25,7 +25,7 @@ from .contract import ClaimedItem, JobInfo, ResultRow
 def load_job(*, engine: Engine, job_id: str) -> JobInfo | None:
     with engine.connect() as connection:
         row = connection.execute(
-            select(Job.id, Job.kind, Job.model, Job.params, Job.status).where(Job.id == job_id)
+            select(Job.id, Job.kind, Job.model, Job.params, Job.status, Job.priority).where(Job.id == job_id)
         ).first()
     return JobInfo(*row) if row else None
 

@@ -45,6 +45,8 @@ class _Plan:
 class TextBackend:
     """Runs text kinds on one causal LM, loaded once per process."""
 
+    winds_down_on_shutdown = True  # its LM starts no row once the worker stops (workers/shutdown.py)
+
     def __init__(self, model: str, settings: Settings) -> None:
         self.settings = settings
         self.lm = CausalLM(model, allow_downloads=settings.allow_downloads,
