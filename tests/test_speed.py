@@ -50,7 +50,9 @@ def test_int8_replaces_every_linear_and_generates(int8_lm, tiny_model):
     assert 0 < difference < 0.5
 
 
-def test_int8_output_depends_only_on_the_items_seed(int8_lm):
+def test_int8_sampling_follows_the_seed_and_repeats_alone_and_in_a_crowd_on_the_tiny_model(int8_lm):
+    # Holds here (12 tokens of a tiny model). With SmolLM2, bf16 and int8 text can change with
+    # the batch an item shares (its padding); fp32 cannot (docs/benchmarks.md, README).
     params = GenerationParams(max_new_tokens=12, temperature=1.0, top_p=0.95)
     target = TextRequest(0, "Write an article about bees.", params, seed=1234)
     others = [TextRequest(i, p, params, seed=i) for i, p in enumerate(PROMPTS, start=1)]
