@@ -50,8 +50,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         # One list per priority level (kombu's default merges them into 4 steps).
         visibility = settings.visibility_timeout or max(3600, 2 * settings.lease_seconds)
         # Messages of a worker that died come back after the visibility timeout; look for them
-        # every 10 s rather than kombu's default of every 100 s (one ZRANGE each time).
+        # every 10 s rather than kombu's default of every 100 s (one ZRANGE each time), and at
+        # least twice per timeout where it is shorter.
         return {"visibility_timeout": visibility, "unacked_restore_throttle": 1,
+                "unacked_restore_interval": min(10, max(1, visibility // 2)),
                 "priority_steps": list(range(MAX_PRIORITY + 1))}
     root = Path(parts.path or settings.data_dir / "broker")
     folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",

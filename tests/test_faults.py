@@ -296,15 +296,16 @@ def test_postgres_down_for_twenty_seconds_is_ridden_out(private_redis, private_p
 
 
 def test_a_task_outliving_the_visibility_timeout_is_not_run_twice(redis_url, sqlite_url, tiny_model, tmp_path):
-    # One chunk of 12 items, a batch at a time, ~1.2 s each: ~15 s against a 2 s visibility
-    # timeout and kombu's 10 s restore scan, so the broker hands the same message to the idle
-    # second worker meanwhile.
+    # One chunk of 12 items, a batch at a time, ~0.5 s each: ~6 s against a 2 s visibility
+    # timeout and a restore scan every second (half the timeout), so the broker hands the same
+    # message to the idle second worker meanwhile.
     settings = fault_settings(redis_url, sqlite_url, tiny_model, chunk_size=12, max_batch_rows=1,
                               visibility_timeout=2, lease_seconds=300)
-    slow = {"AIGC_FAULT_SECONDS_PER_BATCH": "1.2"}
-    first = start_worker(settings, tmp_path, "first", **slow)
-    second = start_worker(settings, tmp_path, "second", **slow)
+    slow = {"AIGC_FAULT_SECONDS_PER_BATCH": "0.5"}
+    first, second = (WorkerProcess(settings, tmp_path / f"{name}.log", FAULT_ENV | slow) for name in ("first", "second"))
     try:
+        first.wait_ready()  # both start at once
+        second.wait_ready()
         job_id = api.submit("article", items(12), params={"max_new_tokens": 4}, settings=settings)
         job = api.wait(job_id, timeout=180, settings=settings)
         time.sleep(1)
