@@ -164,7 +164,8 @@ def job_document(job: Job) -> dict[str, Any]:
 
 def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70) -> Table:
     """Result rows for the terminal: an article's title in bold over the start of its body, an
-    ad's labelled lines, free text as one paragraph, files for image kinds, errors in red."""
+    ad's labelled lines (of each variant, up to three), free text as written while short and as
+    one paragraph beyond, files for image kinds, errors in red."""
     table = Table("custom_id", "output", "tokens", "worker", title=title, show_lines=True)
     for row in rows:
         tokens = f"{row['prompt_tokens'] or 0}+{row['output_tokens'] or 0}"
@@ -178,11 +179,22 @@ def results_table(rows: Iterable[dict[str, Any]], *, title: str, width: int = 70
     return table
 
 
+SHOWN_VARIANTS = 3  # an ad's variants in the terminal; `aigc results --json` has them all
+
+
 def _preview(output: dict[str, Any], text: str, limit: int) -> str:
     def clip(value: str) -> str:
         value = " ".join(value.split())  # one paragraph for the terminal
         return escape(value if len(value) <= limit else value[:limit] + "…")
 
+    def lines(value: str) -> str:  # as written while short (an ad's labelled lines), else clipped
+        return escape(value.strip()) if len(value) <= limit else clip(value)
+
     if "title" in output:
         return f"[bold]{escape(output['title'])}[/bold]\n{clip(output.get('body') or '')}"
-    return escape(text.strip()) if len(text) <= limit else clip(text)
+    variants = output.get("variants") or []
+    if variants and all(isinstance(v, dict) and "text" in v for v in variants):
+        shown = [lines(v["text"] or "") for v in variants[:SHOWN_VARIANTS]]
+        more = len(variants) - len(shown)
+        return "\n\n".join(shown + ([f"[dim]… {more} more variant(s)[/dim]"] if more else []))
+    return lines(text)

@@ -149,3 +149,32 @@ def test_watch_shows_the_job_s_own_elapsed_time(settings):
     watched = aigc("status", job_id, "--watch", env=settings.to_env() | {"COLUMNS": "200"})
     assert watched.returncode == 0
     assert "1:02:05" in watched.stdout, watched.stdout  # started an hour ago, not when the watch began
+
+
+def test_the_results_table_shows_each_ad_variant_as_its_labelled_lines():
+    from rich.console import Console
+
+    from aigc.progress import results_table
+
+    def variant(i: int) -> dict:
+        parts = (f"Sunshine and Light {i}", "We're your unique sun-loving companion, perfect for your home.",
+                 "Create your own spell of beauty today by visiting our solar garden lamp!")
+        text = "\n".join(f"{label}: {part}" for label, part in zip(("Headline", "Body", "Call to action"), parts))
+        return dict(zip(("headline", "body", "cta"), parts)) | {"text": text, "finish_reason": "stop"}
+
+    row = {"prompt_tokens": 150, "output_tokens": 78, "error_code": None, "worker": "w", "device": "cpu"}
+    rows = [row | {"custom_id": "two", "output": {"variants": [variant(1), variant(2)]}, "output_text": "x" * 400},
+            row | {"custom_id": "five", "output": {"variants": [variant(i) for i in range(5)]}, "output_text": ""}]
+    console = Console(width=260, record=True)
+    console.print(results_table(rows, title="ad_copy"))
+    # the output column of each table line: "│ custom_id │ output │ tokens │ worker │"
+    cells = [" ".join(line.split("│")[2].split()) for line in console.export_text().splitlines()
+             if line.count("│") == 5]
+
+    heads = [at for at, cell in enumerate(cells) if cell.startswith("Headline:")]
+    assert [cells[at] for at in heads] == [f"Headline: Sunshine and Light {i}" for i in (1, 2, 0, 1, 2)]
+    for at in heads:  # each on lines of its own, whole, not run together into one clipped paragraph
+        assert cells[at + 1:at + 3] == ["Body: We're your unique sun-loving companion, perfect for your home.",
+                                        "Call to action: Create your own spell of beauty today by visiting our "
+                                        "solar garden lamp!"]
+    assert "… 2 more variant(s)" in cells and "Headline: Sunshine and Light 3" not in cells
