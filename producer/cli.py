@@ -272,9 +272,12 @@ def sweep(
         help="touched after every successful pass, for a healthcheck")] = None,
 ) -> None:
     """Re-send a dead worker's items (expired leases) at once, and the items of jobs whose
-    messages were lost (no progress for --stale seconds)."""
+    messages were lost (no progress for --stale seconds); expire API batches past their
+    completion window."""
     while True:
         try:
+            for job_id in control.expire_overdue():
+                errors.print(f"job {job_id}: expired (its completion window ended)")
             for job_id, sent in control.sweep(stale_seconds=stale).items():
                 errors.print(f"job {job_id}: {sent} item(s) re-sent")
             if alive_file:

@@ -64,9 +64,19 @@ def _resumable() -> Any:
                and_(Item.status == ItemStatus.leased, Item.lease_expires_at < utcnow()))
 
 
+def expire_overdue(*, settings: Settings | None = None) -> list[str]:
+    """Expire every API batch past its completion window (cancel it, ``expired_at`` the
+    reason: running items finish, results stay); their job ids. ``aigc serve`` does this too,
+    while it runs; :func:`sweep` does it first on every pass, so no server is needed."""
+    settings = settings or get_settings()
+    return lifecycle.expire_overdue(engine=ensure_schema(settings.database_url))
+
+
 def sweep(*, stale_seconds: float = 600, settings: Settings | None = None) -> dict[str, int]:
     """Re-send what no worker will run otherwise; returns {job id: items re-sent}.
 
+    - API batches past their completion window are expired first (:func:`expire_overdue`):
+      nothing of theirs is re-sent.
     - Items whose lease expired: live workers renew their leases (a heartbeat), so their
       worker died. They go back to ``pending`` and are re-sent at once; those of a cancelling
       job become ``cancelled`` instead, so the job can reach ``cancelled``.
@@ -76,6 +86,7 @@ def sweep(*, stale_seconds: float = 600, settings: Settings | None = None) -> di
     """
     settings = settings or get_settings()
     engine = ensure_schema(settings.database_url)
+    lifecycle.expire_overdue(engine=engine)
     sent = _release_expired(settings, engine)
     cutoff = utcnow() - timedelta(seconds=stale_seconds)
     has_work = exists().where(Item.job_id == Job.id, _resumable())

@@ -2,7 +2,8 @@
 
 queued → running → completed | completed_with_errors | failed, and at any point before the end
 queued/running → cancelling → cancelled. Each transition is one conditional UPDATE, so two
-processes racing to make it cannot make it twice.
+processes racing to make it cannot make it twice. Expiring (an API batch past its completion
+window) is cancelling with ``jobs.expired_at`` set as the reason.
 """
 
 from __future__ import annotations
@@ -43,3 +44,26 @@ def finish_cancel(*, engine: Engine, job_id: str) -> bool:
 def job_status(*, engine: Engine, job_id: str) -> str | None:
     with engine.connect() as connection:
         return connection.execute(select(Job.status).where(Job.id == job_id)).scalar()
+
+
+def expire(*, engine: Engine, job_id: str) -> bool:
+    """Expire one active job now (cancel it, ``expired_at`` the reason); whether this call did."""
+    now = utcnow()
+    with engine.begin() as connection:
+        changed = connection.execute(
+            update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
+                              Job.expired_at.is_(None))
+            .values(expired_at=now, updated_at=now)).rowcount
+    if changed:
+        request_cancel(engine=engine, job_id=job_id)
+        finish_cancel(engine=engine, job_id=job_id)
+    return bool(changed)
+
+
+def expire_overdue(*, engine: Engine) -> list[str]:
+    """Expire every active job past its ``expires_at`` (API batches); their ids."""
+    with engine.connect() as connection:
+        overdue = connection.execute(select(Job.id).where(
+            Job.expires_at < utcnow(), Job.status.in_(ACTIVE_JOB_STATUSES), Job.expired_at.is_(None))
+        ).scalars().all()
+    return [job_id for job_id in overdue if expire(engine=engine, job_id=job_id)]

@@ -195,18 +195,35 @@ def test_sweep_finishes_jobs_whose_messages_or_workers_were_lost(stack, spare_re
                       settings=elsewhere)
     dead = api.submit("article", [{"topic": f"d{i}"} for i in range(4)], params={"max_new_tokens": 3},
                       settings=elsewhere)
+    # An API batch past its completion window, its messages lost and two of its items held by
+    # a dead worker: with no `aigc serve` running, the sweep expires it instead of re-sending.
+    overdue = api.submit("article", [{"topic": f"o{i}"} for i in range(5)], params={"max_new_tokens": 3},
+                         settings=elsewhere)
     redis.Redis.from_url(elsewhere.broker_url).flushdb()
     past = utcnow() - timedelta(hours=1)
     with get_engine(settings.database_url).begin() as connection:  # a worker died holding these
         connection.execute(update(Item).where(Item.job_id == dead).values(
             status="leased", lease_owner="gone@host/1", lease_expires_at=past, attempts=1))
-        connection.execute(update(Job).where(Job.id.in_([lost, dead])).values(updated_at=past))
+        connection.execute(update(Item).where(Item.job_id == overdue, Item.index < 2).values(
+            status="leased", lease_owner="gone@host/1", lease_expires_at=past, attempts=1))
+        connection.execute(update(Job).where(Job.id.in_([lost, dead, overdue])).values(updated_at=past))
+        connection.execute(update(Job).where(Job.id == overdue).values(
+            expires_at=past, completion_window="24h", endpoint="/v1/completions"))
     fresh = api.submit("article", [{"topic": "f"}], params={"max_new_tokens": 3}, settings=elsewhere)
 
     swept = run_cli(settings, "sweep", "--stale", "600").stderr
 
     assert f"job {lost}: 6 item(s) re-sent" in swept and f"job {dead}: 4 item(s) re-sent" in swept
     assert fresh not in swept  # progress is recent: left alone
+    assert f"job {overdue}: expired (its completion window ended)" in swept
+    assert f"job {overdue}: " not in swept.replace(f"job {overdue}: expired", "")  # nothing re-sent
+    job = api.status(overdue, settings=settings)
+    assert job.status == "cancelled" and job.expired_at and job.done == 0
+    assert plain_rows(settings.database_url, "SELECT DISTINCT status FROM items WHERE job_id = :j",
+                      j=overdue) == [{"status": "cancelled"}]
+    from aigc.server.batches import status_of
+
+    assert status_of(job) == "expired"  # what `aigc serve` and the SDK then show
     for job_id, n in ((lost, 6), (dead, 4)):
         job = api.wait(job_id, timeout=120, settings=settings)
         assert (job.status, job.done) == ("completed", n)

@@ -3,8 +3,8 @@
 Expiring is cancelling with a reason: pending items never start, items running finish, and
 every result already written stays (the batch's output file has them). ``jobs.expired_at``
 is the reason; the job itself goes ``cancelling`` → ``cancelled`` as any cancelled job does,
-so workers need to know nothing new. The server checks every few seconds, and a batch read
-past its window is expired on the spot.
+so workers need to know nothing new. The server checks every few seconds, a batch read past
+its window is expired on the spot, and ``aigc sweep`` expires on every pass (no server needed).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import logging
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine
 from sqlmodel import Session
 
 from aigc.schemas import lifecycle
@@ -30,26 +30,17 @@ def _aware(moment: datetime) -> datetime:
 
 def expire(engine: Engine, job_id: str) -> bool:
     """Expire one active job now; whether it was expired by this call."""
-    now = utcnow()
-    with engine.begin() as connection:
-        changed = connection.execute(
-            update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES),
-                              Job.expired_at.is_(None))
-            .values(expired_at=now, updated_at=now)).rowcount
-    if changed:
-        lifecycle.request_cancel(engine=engine, job_id=job_id)
-        lifecycle.finish_cancel(engine=engine, job_id=job_id)
+    if expired := lifecycle.expire(engine=engine, job_id=job_id):
         log.info("batch of job %s expired: its completion window ended", job_id)
-    return bool(changed)
+    return expired
 
 
 def expire_overdue(engine: Engine) -> list[str]:
     """Expire every active batch past its window; their job ids."""
-    with engine.connect() as connection:
-        overdue = connection.execute(select(Job.id).where(
-            Job.expires_at < utcnow(), Job.status.in_(ACTIVE_JOB_STATUSES), Job.expired_at.is_(None))
-        ).scalars().all()
-    return [job_id for job_id in overdue if expire(engine, job_id)]
+    expired = lifecycle.expire_overdue(engine=engine)
+    for job_id in expired:
+        log.info("batch of job %s expired: its completion window ended", job_id)
+    return expired
 
 
 def expire_if_overdue(engine: Engine, job: Job) -> Job:
