@@ -11,4 +11,8 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
         || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
         || echo "test: could not install chromium; the dashboard test skips locally and fails in CI" >&2
 fi
-exec .venv/bin/python -m pytest "$@"
+# Two test processes, a file each at a time (module fixtures stay in one process): most of the
+# suite waits on worker processes, outages and leases, and the two overlap those waits. Each
+# process is a run of its own (its Redis databases, PostgreSQL databases and temp folders).
+# AIGC_TEST_PROCESSES=0 runs everything in this one process.
+exec .venv/bin/python -m pytest -n "${AIGC_TEST_PROCESSES:-2}" --dist loadfile "$@"

@@ -6,7 +6,7 @@ joined), the rows already generating may finish for ``AIGC_SHUTDOWN_GRACE_SECOND
 is still generating then is abandoned. The runner hands every unfinished item back: pending
 again, its claim not charged as an attempt, and sent as a chunk of its own, so another worker
 (or this one, restarted) takes it at once rather than after its lease runs out. A cold shutdown
-(a second SIGTERM, or SIGQUIT) ends the grace at once.
+(SIGQUIT, or Ctrl-C twice) ends the grace at once.
 """
 
 from __future__ import annotations
