@@ -105,13 +105,20 @@ class Died(BaseException):
     """Stands in for the process dying: nothing in the runner catches it."""
 
 
-def test_a_rerun_chunk_runs_singly_and_charges_only_the_item_that_dies(database_url, monkeypatch):
+def rerun_job(url: str, n: int) -> tuple[str, list[int]]:
+    """A job of ``n`` items that an earlier claim (whose worker died) charged one attempt each:
+    the next run of its chunk goes one item at a time."""
     from sqlalchemy import update
 
-    settings = Settings(database_url=database_url, max_attempts=5)
-    job_id, ids = make_job(database_url, 4)
-    with get_engine(database_url).begin() as connection:  # an earlier claim of all four died
+    job_id, ids = make_job(url, n)
+    with get_engine(url).begin() as connection:
         connection.execute(update(Item).where(Item.id.in_(ids)).values(attempts=1))
+    return job_id, ids
+
+
+def test_a_rerun_chunk_runs_singly_and_charges_only_the_item_that_dies(database_url, monkeypatch):
+    settings = Settings(database_url=database_url, max_attempts=5)
+    job_id, ids = rerun_job(database_url, 4)
     batches = []
 
     class DiesOnThird:
@@ -398,12 +405,8 @@ def test_a_stopping_worker_hands_back_its_chunk_and_the_joined_items_uncharged(d
 @pytest.mark.parametrize("between", [True, False], ids=["between-items", "mid-item"])
 def test_a_rerun_chunk_stopping_hands_back_the_rest_with_the_attempts_it_had(database_url, monkeypatch,
                                                                              shutdown, between):
-    from sqlalchemy import update
-
     settings = Settings(database_url=database_url, max_attempts=5)
-    job_id, ids = make_job(database_url, 4)
-    with get_engine(database_url).begin() as connection:  # an earlier claim of all four died
-        connection.execute(update(Item).where(Item.id.in_(ids)).values(attempts=1))
+    job_id, ids = rerun_job(database_url, 4)
     ran = []
 
     class StopsOnSecond:
