@@ -121,8 +121,8 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         done, failed = writer.counts.get(other, (0, 0))
         what = (f"chunk of {len(item_ids)} items" + (f" and {joined[job_id]} joined" if job_id in joined else "")
                 if other == job_id else f"{joined[other]} items joined to job {job_id}'s batches")
-        log.info("job %s: %s: %d done, %d failed in %.0f ms on %s%s", other, what, done, failed,
-                 duration_ms, writer.device, f"; job {final}" if final else "",
+        log.info("job %s: %s: %d done, %d failed in %.0f ms%s%s", other, what, done, failed,
+                 duration_ms, f" on {writer.device}" if writer.device else "", f"; job {final}" if final else "",
                  extra={"job_id": other, "items": len(item_ids) if other == job_id else joined[other],
                         "done": done, "failed": failed, "worker": worker, "device": writer.device,
                         "duration_ms": round(duration_ms, 1), "job_status": final})
