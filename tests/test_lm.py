@@ -244,8 +244,6 @@ def test_min_new_tokens_holds_back_the_end_of_text(tiny_model):
     assert effective_params("article", capped.model_dump(), {"prompt": "x"}).min_new_tokens == 4
 
 
-
-
 @pytest.mark.parametrize("grace,finished", [(60.0, {0, 1}), (0.0, {0})], ids=["rows-in-flight-finish", "grace-over"])
 def test_once_shutdown_begins_no_row_starts_and_those_in_flight_finish_within_the_grace(lm, grace, finished):
     from aigc.workers.shutdown import Shutdown
