@@ -33,7 +33,6 @@ class _Part:
     job: JobInfo
     items: list[ClaimedItem]
     run_id: int
-    priority: int = 0  # the job's, for sending back what the run leaves unfinished
     claimed: int = 0  # items it joined with
 
 
@@ -76,7 +75,7 @@ def run_chunk(job_id: str, item_ids: list[int], *, worker: str, settings: Settin
         "job_id": job_id, "worker": worker, "items": len(item_ids), "claimed": len(claimed)})
     writer = _Writer(engine, policy, worker, owner, {job_id: run_id}, started)
     heartbeat = _Heartbeat(engine, [item.id for item in claimed], owner, settings.lease_seconds)
-    parts = [_Part(job, items, run_id, job.priority)]
+    parts = [_Part(job, items, run_id)]
     try:
         poison = [item for item in items if policy.over_cap(item)]
         if poison:
@@ -154,7 +153,7 @@ class _Joiner:
         waiting = self.policy.ride_out(store.waiting_items, engine=self.engine, model=primary.job.model,
                                        kinds=self.kinds, limit=room)
         joined = []
-        for job_id, priority, item_ids in waiting:
+        for job_id, _priority, item_ids in waiting:
             # a job already in the run is not loaded again (the claim checks that it still runs)
             job = next((p.job for p in self.parts if p.job.id == job_id), None) or self.policy.ride_out(
                 store.load_job, engine=self.engine, job_id=job_id)
@@ -169,7 +168,7 @@ class _Joiner:
                 run_id = primary.run_id if job_id == primary.job.id else self.policy.ride_out(
                     store.start_chunk_run, engine=self.engine,
                     run={"job_id": job_id, "worker": self.worker, "items": 0, "claimed": 0})
-                part = _Part(job, [], run_id, priority)
+                part = _Part(job, [], run_id)
                 self.parts.append(part)
                 self.writer.runs[job_id] = run_id
             part.items += items
@@ -265,7 +264,7 @@ def _hand_back(part: _Part, engine: Any, policy: RetryPolicy, owner: str, requeu
                     part.job.id, released)
         return
     try:
-        requeue(part.job, part.priority, ids)
+        requeue(part.job, part.job.priority, ids)
     except Exception as exc:  # the broker is away: they are pending in SQL, the sweeper resends
         log.warning("job %s: %d joined item(s) handed back but not sent again (%s); `aigc sweep` "
                     "sends them", part.job.id, released, exc)
@@ -285,17 +284,13 @@ def _generate_carefully(part: _Part, writer: "_Writer", engine: Any, settings: S
     for position, item in enumerate(items):
         if position:
             writer.flush()  # the previous item is committed before this one may crash us
-            if SHUTDOWN.requested:  # the rest goes back charged as claimed, to be uncharged then
-                policy.ride_out(store.add_attempts, engine=engine, item_ids=[i.id for i in items[position:]],
-                                delta=1)
-                part.items = items[position:]
-                return
             policy.ride_out(store.add_attempts, engine=engine, item_ids=[item.id], delta=1)
         alone = _Part(job, [item], part.run_id)
-        _generate([alone], writer, engine, settings, policy, last_attempt)
+        if not SHUTDOWN.requested:  # stopping: nothing new starts
+            _generate([alone], writer, engine, settings, policy, last_attempt)
         if alone.items:  # cancelled, handed back for a retry, or the worker is stopping
             part.items = items[position:]
-            if SHUTDOWN.requested:
+            if SHUTDOWN.requested:  # charged as claimed, as the hand-back expects
                 policy.ride_out(store.add_attempts, engine=engine,
                                 item_ids=[i.id for i in items[position + 1:]], delta=1)
             return
